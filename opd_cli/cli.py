@@ -1,0 +1,223 @@
+"""The `opd` command line: click for the subcommands, Hydra for composing and sweeping run configs.
+
+    opd run                                                  # OPD on the testbed (built on first use)
+    opd run loss=topk_rkl_stopgrad teacher=rlvr seed=3 trainer.lr=1e-4
+    opd run -m loss=topk_rkl,topk_rkl_stopgrad seed=0,1,2    # Hydra multirun sweep
+    opd run --cfg job                                        # print the composed config
+    opd doctor                                               # versions, devices, testbed state
+
+Bad input (unknown group option, misspelled key, wrong type, invalid value) ends with one line on stderr
+naming the key, the value and what is allowed, exit code 2, before any output directory is created.
+`--debug` (or HYDRA_FULL_ERROR=1) shows full tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from opd_cli.errors import OpdError, UsageError
+
+# Defaults that must be in place before vllm/wandb/tokenizers are imported anywhere.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+EXIT_BAD_INPUT = 2
+MAX_PREVALIDATED_JOBS = 2000
+
+
+def conf_dir() -> Path:
+    """The `conf/` tree: $OPD_CONF_DIR, else the repository's `conf/` next to the package."""
+    env = os.environ.get("OPD_CONF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    if not (path / "config.yaml").is_file():
+        raise UsageError(f"config tree not found at {path}; set OPD_CONF_DIR to the directory holding config.yaml")
+    return path
+
+
+def _debug() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("OPD_DEBUG") == "1"
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks (same as HYDRA_FULL_ERROR=1).")
+def main(debug: bool) -> None:
+    """opd: reproduce, diagnose and fix the failure modes of on-policy (self-)distillation.
+
+    \b
+    Examples:
+      opd run                                    # OPD on the testbed, the embedded default
+      opd run -m loss=topk_rkl,topk_rkl_stopgrad seed=0,1,2
+      opd doctor
+    """
+    if debug:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        os.environ["OPD_DEBUG"] = "1"
+
+
+# --------------------------------------------------------------------------------------------- opd run
+_HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
+                           "--info", "--experimental-rerun"}
+
+
+def split_hydra_args(args: list[str]) -> tuple[list[str], bool]:
+    """Return (overrides, multirun) from a Hydra command line."""
+    overrides, multirun, skip = [], False, False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in _HYDRA_FLAGS_WITH_VALUE:
+            skip = i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides, multirun
+
+
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """The cartesian product of sweep overrides (a,b / range() / glob()), as Hydra's basic sweeper runs it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    axes = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([o.input_line])
+    combos = list(itertools.islice(itertools.product(*axes), MAX_PREVALIDATED_JOBS))
+    return [list(c) for c in combos]
+
+
+def compose(overrides: list[str]):
+    """Compose and validate one job's config with the Compose API (no output directory is created)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from opd_cli.config import register_configs, validate
+
+    register_configs()
+    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=job_overrides)
+    validate(cfg)
+    return cfg
+
+
+def prevalidate(overrides: list[str], multirun: bool) -> None:
+    """Fail fast, with one line, on anything Hydra or our validation would reject."""
+    from opd_cli.errors import explain_config_exception
+
+    try:
+        combos = expand_sweeps(overrides) if multirun else [overrides]
+        for combo in combos:
+            compose(combo)
+    except OpdError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every compose error becomes one line
+        if _debug():
+            raise
+        raise UsageError(explain_config_exception(exc, overrides)) from exc
+
+
+def with_resume_overrides(overrides: list[str]) -> list[str]:
+    """`resume=<run dir>` re-composes the original run's overrides and continues in its directory."""
+    resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+    if not resume:
+        return overrides
+    run_dir = Path(resume[-1]).expanduser()
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        raise UsageError(f"resume={run_dir}: not an opd run directory (no .hydra/overrides.yaml); pass the "
+                         f"directory printed by the run you want to continue")
+    from omegaconf import OmegaConf
+
+    original = [o for o in OmegaConf.to_container(OmegaConf.load(saved)) if not o.startswith("resume=")]
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    kept = [o for o in original if o.split("=", 1)[0].lstrip("+~") not in keys]
+    return kept + [o for o in overrides if not o.startswith("resume=")] + [
+        f"resume={run_dir.resolve()}", f"hydra.run.dir={run_dir.resolve()}"]
+
+
+@main.command(
+    "run",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.pass_context
+def run_cmd(ctx: click.Context) -> None:
+    """Run one recipe (or a sweep with -m) composed from conf/ with Hydra overrides.
+
+    \b
+    Examples:
+      opd run                                              # testbed OPD, the embedded default
+      opd run loss=topk_rkl_stopgrad teacher=rlvr seed=3 trainer.lr=1e-4
+      opd run -m loss=topk_rkl,topk_rkl_stopgrad seed=0,1,2
+      opd run -m experiment=matrix seed=0,1,2 hydra/launcher=submitit_slurm
+      opd run --cfg job                                    # print the composed config
+      opd run resume=outputs/2026-11-29/10-00-00-000000    # continue a killed run
+    \b
+    Groups: task, model, teacher, loss, stabilization, rollout, eval, logger, experiment.
+    Outputs: outputs/<date>/<time>/ (multirun: multirun/<date>/<time>/<job>/) with .hydra/ (config),
+    metrics.jsonl, checkpoints/, eval/, summary.json and the run log. Hydra's own help: opd run --hydra-help
+    """
+    args = list(ctx.args)
+    if any(a in ("-h", "--help") for a in args):
+        click.echo(ctx.get_help())
+        return
+    if "--hydra-help" in args:
+        args = ["--help" if a == "--hydra-help" else a for a in args]
+    try:
+        overrides, multirun = split_hydra_args(args)
+        full = with_resume_overrides(overrides)
+        if full != overrides:
+            args = [a for a in args if a not in overrides] + full
+            overrides = full
+        if "--help" not in args:
+            prevalidate(overrides, multirun)
+    except OpdError as exc:
+        fail(str(exc))
+    from opd_cli.hydra_app import launch
+
+    sys.exit(launch(args, conf_dir(), multirun))
+
+
+# ------------------------------------------------------------------------------------------ opd doctor
+@main.command("doctor")
+def doctor_cmd() -> None:
+    """Report versions, devices and whether the testbed is built.
+
+    \b
+    Example:
+      opd doctor
+    """
+    from opd_cli.doctor import doctor
+
+    sys.exit(doctor())
+
+
+def _register_optional_commands() -> None:
+    """Subcommands that live in their own modules (each one's module docstring holds its examples)."""
+    from opd_cli import commands
+
+    for command in commands.all_commands():
+        main.add_command(command)
+
+
+_register_optional_commands()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Structured configs for `opd run`, registered in Hydra's ConfigStore, plus the validation that
+explains why a value or a combination is illegal before any compute starts.
+
+The YAML tree in `conf/` is composed on top of these dataclasses, so a misspelled key or a value of the
+wrong type fails at compose time; `validate()` catches what types cannot (ranges, allowed names, pairs).
+The groups mirror the paper's grid axes: task, model (student), teacher, loss, stabilization, rollout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A bad user input: printed as one line, exit code 2."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"  # tasks registry name: arith | math
+    digits: int = 3  # arith: operand length
+    rule: str | None = None  # arith: shared system-prompt rule ("concise") or none
+    path: str | None = None  # local jsonl/parquet/save_to_disk dir or hub dataset name; None = generated
+    split: str = "train"
+    eval_path: str | None = None
+    eval_split: str = "test"
+    fields: dict[str, str] = field(default_factory=dict)  # our field -> dataset column
+    train_size: int = 4096
+    eval_size: int = 200
+    data_seed: int = 1234  # the task's data is fixed across training seeds
+
+
+@dataclass
+class ModelConfig:
+    path: str = "testbed:student_sft"  # HF directory, hub id, or testbed:<name>
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    enable_thinking: bool = False  # passed to chat templates that know it (Qwen3)
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "external"  # external | rlvr | self_pi
+    path: str = "testbed:teacher_large"  # ignored for self_pi (frozen copy of the step-0 student)
+    pi_field: str | None = None  # self_pi: answer | solution | system_prompt | any dataset field
+    # self_pi: the teacher's user message; {problem} and any row field may appear.
+    prompt_template: str = "{problem}"
+    system_prompt_from_pi: bool = False  # self_pi with a shared rule: the PI is the system prompt
+    backend: str = "local"  # local (full logits) | vllm (top-K prompt log-probs; TopK losses only)
+    dtype: str = "auto"
+    topk: int = 20  # vllm backend: how many teacher log-probs per position
+
+
+@dataclass
+class LossConfig:
+    name: str = "topk_rkl_stopgrad"
+    k: int = 5
+    support: str = "student"  # student | teacher | intersection | union
+    tail_bucket: bool = False
+    stopgrad: bool = False  # topk_rkl_renorm only
+    beta: float = 0.5  # gjsd only
+    is_clip: float | None = None  # sampled_rkl: truncated importance ratio cap
+    reduction: str = "token_mean"  # token_mean | seq_mean
+    chunk_size: int = 0  # >0: chunked path from hidden states (never all [tokens, vocab] logits at once)
+
+
+@dataclass
+class StabilizationConfig:
+    kind: str = "none"  # none | sft
+    source: str = "teacher"  # sft traces from: teacher (sampled, verifier-filtered) | reference
+    num_traces: int = 2048
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm | hf
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1  # samples per prompt
+    max_new_tokens: int = 64
+    gpu_memory_utilization: float = 0.2  # on CPU vLLM reads this as the fraction of RAM for the KV cache
+    max_model_len: int = 256
+    tensor_parallel_size: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100
+    prompts_per_step: int = 64
+    lr: float = 1e-4
+    schedule: str = "constant"  # constant | cosine | linear
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    grad_clip: float = 1.0
+    save_every: int = 25
+    device: str = "auto"  # auto | cpu | cuda
+    # rlvr stage (GRPO)
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    every: int = 25  # 0 = only at the end
+    size: int = 200
+    max_new_tokens: int = 96  # longer than training rollouts: a short eval length fakes accuracy drops
+    samples: int = 0  # k for avg@k / pass@k (0 = greedy only)
+    temperature: float = 1.0
+    keep_samples: int = 5
+    engine: str = "${rollout.engine}"
+
+
+@dataclass
+class DiagnosticsConfig:
+    every: int = 10  # gradient-cosine diagnostic period (steps)
+    hedging_tokens: list[str] | None = None  # None = the task's own list
+    stop_on_collapse: bool = False
+    # Collapse: the run's distribution left the task format. Defaults are justified in diagnostics.py.
+    truncation_threshold: float = 0.5
+    mass_threshold: float = 0.5
+    repeat_threshold: float = 0.6
+    patience: int = 3
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"  # wandb | none (metrics.jsonl is always written)
+    mode: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
+    project: str = "opd"
+    entity: str | None = None
+    group: str | None = None
+
+
+@dataclass
+class CellConfig:
+    """What a grid cell claims: the paper's verdict, written in the experiment preset."""
+
+    name: str = "default"
+    paper_verdict: str = ""  # improves | stable | degrades | collapses | ""
+    description: str = ""
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    stabilization: StabilizationConfig = field(default_factory=StabilizationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    cell: CellConfig = field(default_factory=CellConfig)
+    stage: str = "opd"  # opd | sft | rlvr
+    seed: int = 0
+    resume: str | None = None
+    overwrite: bool = False
+    testbed_dir: str | None = None  # None = $OPD_TESTBED_DIR or ~/.cache/opd/testbed
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="opd_schema", node=Config)
+    for group, node in [
+        ("task", TaskConfig),
+        ("model", ModelConfig),
+        ("teacher", TeacherConfig),
+        ("loss", LossConfig),
+        ("stabilization", StabilizationConfig),
+        ("rollout", RolloutConfig),
+        ("eval", EvalConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation: ranges and combinations that types cannot express.
+
+LOSS_NAMES = ("full_rkl", "full_fkl", "gjsd", "sampled_rkl", "topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm")
+TOPK_LOSSES = ("topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm")
+SUPPORTS = ("student", "teacher", "intersection", "union")
+TEACHER_KINDS = ("external", "rlvr", "self_pi")
+STAGES = ("opd", "sft", "rlvr")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value!r} must be >= {low}")
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Raise ConfigError naming the key, the bad value and what is allowed."""
+    c = cfg
+    _one_of("stage", c.stage, STAGES)
+    _one_of("loss.name", c.loss.name, LOSS_NAMES)
+    _one_of("loss.support", c.loss.support, SUPPORTS)
+    _one_of("loss.reduction", c.loss.reduction, ("token_mean", "seq_mean"))
+    _at_least("loss.k", c.loss.k, 1)
+    _at_least("loss.chunk_size", c.loss.chunk_size, 0)
+    if not 0.0 <= c.loss.beta <= 1.0:
+        raise ConfigError(f"loss.beta={c.loss.beta!r} must be in [0, 1] (0 = forward KL end, 1 = reverse KL end)")
+    if c.loss.is_clip is not None and c.loss.is_clip <= 0:
+        raise ConfigError(f"loss.is_clip={c.loss.is_clip!r} must be > 0 (or null to disable)")
+    _one_of("teacher.kind", c.teacher.kind, TEACHER_KINDS)
+    _one_of("teacher.backend", c.teacher.backend, ("local", "vllm"))
+    if c.teacher.backend == "vllm" and c.loss.name not in TOPK_LOSSES + ("sampled_rkl",):
+        raise ConfigError(
+            f"teacher.backend=vllm returns only the teacher's top-K log-probs, which loss.name={c.loss.name} "
+            f"cannot use; use a TopK loss with loss.support=teacher|intersection, or teacher.backend=local"
+        )
+    if c.teacher.backend == "vllm" and c.loss.name in TOPK_LOSSES and c.loss.support in ("student", "union"):
+        raise ConfigError(
+            f"loss.support={c.loss.support} needs teacher log-probs on the student's top-K tokens, which "
+            f"teacher.backend=vllm does not return; use loss.support=intersection|teacher or teacher.backend=local"
+        )
+    if c.teacher.kind == "self_pi" and not c.teacher.pi_field:
+        raise ConfigError("teacher.kind=self_pi needs teacher.pi_field (answer | solution | system_prompt | a field)")
+    _one_of("stabilization.kind", c.stabilization.kind, ("none", "sft"))
+    _one_of("stabilization.source", c.stabilization.source, ("teacher", "reference"))
+    _one_of("rollout.engine", c.rollout.engine, ("vllm", "hf"))
+    _one_of("eval.engine", c.eval.engine, ("vllm", "hf"))
+    if not 0.0 < c.rollout.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p={c.rollout.top_p!r} must be in (0, 1]")
+    _at_least("rollout.temperature", c.rollout.temperature, 0.0)
+    _at_least("rollout.n", c.rollout.n, 1)
+    _at_least("rollout.max_new_tokens", c.rollout.max_new_tokens, 1)
+    if not 0.0 < c.rollout.gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"rollout.gpu_memory_utilization={c.rollout.gpu_memory_utilization!r} must be in (0, 1]")
+    _at_least("trainer.steps", c.trainer.steps, 0)
+    _at_least("trainer.prompts_per_step", c.trainer.prompts_per_step, 1)
+    if c.trainer.lr <= 0:
+        raise ConfigError(f"trainer.lr={c.trainer.lr!r} must be > 0")
+    _one_of("trainer.schedule", c.trainer.schedule, ("constant", "cosine", "linear"))
+    _one_of("stabilization.schedule", c.stabilization.schedule, ("constant", "cosine", "linear"))
+    if not 0.0 <= c.trainer.warmup_ratio < 1.0:
+        raise ConfigError(f"trainer.warmup_ratio={c.trainer.warmup_ratio!r} must be in [0, 1)")
+    if len(c.trainer.betas) != 2 or not all(0.0 <= b < 1.0 for b in c.trainer.betas):
+        raise ConfigError(f"trainer.betas={list(c.trainer.betas)!r} must be two numbers in [0, 1)")
+    _at_least("trainer.grad_clip", c.trainer.grad_clip, 0.0)
+    _at_least("trainer.save_every", c.trainer.save_every, 1)
+    _one_of("trainer.device", c.trainer.device, ("auto", "cpu", "cuda"))
+    for key in ("model.dtype", "teacher.dtype"):
+        _one_of(key, eval_attr(c, key), ("auto", "float32", "bfloat16", "float16"))
+    _at_least("eval.every", c.eval.every, 0)
+    _at_least("eval.size", c.eval.size, 1)
+    _at_least("eval.samples", c.eval.samples, 0)
+    _one_of("logger.kind", c.logger.kind, ("wandb", "none"))
+    _one_of("logger.mode", c.logger.mode, ("auto", "online", "offline", "disabled"))
+    _at_least("diagnostics.every", c.diagnostics.every, 1)
+    _at_least("diagnostics.patience", c.diagnostics.patience, 1)
+    _at_least("task.train_size", c.task.train_size, 1)
+    _at_least("task.eval_size", c.task.eval_size, 1)
+    if c.task.name == "arith" and not 1 <= c.task.digits <= 8:
+        raise ConfigError(f"task.digits={c.task.digits!r} must be in 1..8")
+
+
+def eval_attr(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
