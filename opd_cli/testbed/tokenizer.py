@@ -36,8 +36,8 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     """The testbed tokenizer (vocabulary: 6 special tokens + 96 characters = 102 ids)."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    # (?s) so that "." also matches the newline: every character becomes its own token.
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("(?s)."), behavior="isolated")
+    # [\s\S]: any character, newline included (the tokenizers regex engine rejects the (?s) flag).
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(SPECIAL_TOKENS)
     tok = PreTrainedTokenizerFast(
