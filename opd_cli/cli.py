@@ -109,21 +109,31 @@ def compose(overrides: list[str]):
     from opd_cli.config import register_configs, validate
 
     register_configs()
-    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=job_overrides)
+        cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
     validate(cfg)
     return cfg
 
 
-def prevalidate(overrides: list[str], multirun: bool) -> None:
+def check_run_dir_free(cfg) -> None:
+    """An explicit hydra.run.dir that already holds a run is refused before Hydra rewrites its config."""
+    run_dir = Path(cfg.hydra.run.dir)
+    used = any((run_dir / name).exists() for name in ("metrics.jsonl", "summary.json", "status.json"))
+    if used and not cfg.resume and not cfg.overwrite:
+        raise UsageError(f"{run_dir} already holds a run; pass resume={run_dir} to continue it, overwrite=true "
+                         f"to replace it, or choose another hydra.run.dir")
+
+
+def prevalidate(overrides: list[str], multirun: bool, writes: bool = True) -> None:
     """Fail fast, with one line, on anything Hydra or our validation would reject."""
     from opd_cli.errors import explain_config_exception
 
     try:
         combos = expand_sweeps(overrides) if multirun else [overrides]
         for combo in combos:
-            compose(combo)
+            cfg = compose(combo)
+        if writes and not multirun:
+            check_run_dir_free(cfg)
     except OpdError:
         raise
     except Exception as exc:  # noqa: BLE001 - every compose error becomes one line
@@ -186,8 +196,10 @@ def run_cmd(ctx: click.Context) -> None:
             args = [a for a in args if a not in overrides] + full
             overrides = full
         if "--help" not in args:
-            prevalidate(overrides, multirun)
+            prevalidate(overrides, multirun, writes=not ({"--cfg", "-c", "--info"} & set(args)))
     except OpdError as exc:
+        if _debug():
+            raise
         fail(str(exc))
     from opd_cli.hydra_app import launch
 

@@ -1,0 +1,1 @@
+"""Benchmarks: `opd bench ...` (ratios measured in one run, never timed unit tests)."""

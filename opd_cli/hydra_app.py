@@ -1,0 +1,98 @@
+"""Hydra entry point behind `opd run`: one job = one run directory with its config, metrics and status.
+
+Hydra owns the command line grammar, the output directories and the launchers (basic in-process by
+default; submitit for SLURM via `hydra/launcher=submitit_slurm`). Each job writes `status.json`
+(running -> ok | failed) so that `opd report` can show a failed job as failed rather than missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from opd_cli.config import register_configs, validate
+from opd_cli.errors import OpdError
+from opd_cli.io import atomic_write_text
+
+log = logging.getLogger("opd")
+
+# (run_dir, status, error) of every job this process ran: the basic launcher runs jobs in-process.
+_outcomes: list[tuple[Path, str, str | None]] = []
+
+
+def write_status(run_dir: Path, status: str, error: str | None = None, **extra) -> None:
+    payload = {"status": status, "error": error, **extra}
+    atomic_write_text(run_dir / "status.json", json.dumps(payload, indent=2) + "\n")
+
+
+def _is_fresh(run_dir: Path) -> bool:
+    """Nothing but Hydra's own files and the log: safe to remove when setup fails."""
+    keep = {".hydra", "status.json"}
+    return all(p.name in keep or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+def _job(cfg: DictConfig) -> dict | None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    write_status(run_dir, "running", job=hc.job.name, overrides=list(hc.overrides.task))
+    try:
+        validate(cfg)
+        from opd_cli.pipeline import run_stage
+
+        summary = run_stage(cfg, run_dir)
+    except OpdError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.error("run failed: %s", message)
+        write_status(run_dir, "failed", message)
+        _outcomes.append((run_dir, "failed", message))
+        if multirun:
+            return None
+        if _is_fresh(run_dir):  # failed during setup: leave nothing half-written behind
+            logging.shutdown()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        log.error("run crashed: %s\n%s", message, traceback.format_exc())
+        write_status(run_dir, "failed", message)
+        _outcomes.append((run_dir, "failed", message))
+        if multirun:
+            return None
+        raise
+    write_status(run_dir, "ok", None, summary=summary)
+    _outcomes.append((run_dir, "ok", None))
+    return summary
+
+
+def launch(args: list[str], conf_dir: Path, multirun: bool) -> int:
+    """Run Hydra's app with `args` (overrides and flags); return the process exit code."""
+    register_configs()
+    _outcomes.clear()
+    argv = sys.argv
+    sys.argv = ["opd run", *args]
+    try:
+        hydra.main(config_path=str(conf_dir), config_name="config", version_base="1.3")(_job)()
+    finally:
+        sys.argv = argv
+    failed = [o for o in _outcomes if o[1] == "failed"]
+    if multirun and _outcomes:
+        print(f"multirun: {len(_outcomes) - len(failed)} ok, {len(failed)} failed; "
+              f"outputs in {_outcomes[0][0].parent}")
+        for run_dir, _, error in failed:
+            print(f"  failed: {run_dir}: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,144 @@
+"""The PyTorch learner: model loading, device and precision, AdamW with a warmup schedule, a guarded step.
+
+Used by every stage (pretraining and SFT of the testbed, OPD/OPSD, RLVR): one optimizer step is
+`loss.backward()` -> non-finite check -> gradient clipping -> `optimizer.step()` -> scheduler step.
+A NaN/inf loss or gradient never reaches the weights: the step raises `NonFiniteError` instead.
+On CUDA the forward runs under bf16 autocast with fp32 master weights; on CPU everything is fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+
+from opd_cli.errors import OpdError
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient was NaN/inf; the optimizer step was not taken."""
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise OpdError("trainer.device=cuda but CUDA is not available; use trainer.device=auto or cpu")
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def autocast_dtype(device: torch.device, preference: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for forward passes (None = plain fp32)."""
+    if preference == "float32":
+        return None
+    if preference in ("bfloat16", "float16"):
+        return getattr(torch, preference)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise OpdError(f"model directory not found: {path}; pass a Hugging Face model directory or testbed:<name>")
+    if not (path / "config.json").is_file():
+        raise OpdError(f"{path} is not a model directory (no config.json); pass a directory saved by "
+                       f"save_pretrained or a checkpoint from a run's checkpoints/ folder")
+    return path
+
+
+def load_model(path: str | Path, device: torch.device, *, trainable: bool = True) -> torch.nn.Module:
+    """A causal LM in fp32 master weights (autocast handles bf16 compute on CUDA)."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(path) if Path(str(path)).expanduser().exists() else path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except OSError as exc:
+        raise OpdError(f"could not load model {path}: {str(exc).splitlines()[0]}; check the path or, for a hub "
+                       f"id, that it is downloaded (offline machines cannot fetch weights)") from exc
+    model.to(device)
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise OpdError(f"could not load a tokenizer from {path}: {str(exc).splitlines()[0]}") from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total_steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress  # linear
+
+    return factor
+
+
+class Learner:
+    def __init__(self, model: torch.nn.Module, *, lr: float, total_steps: int, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.98), grad_clip: float = 1.0, warmup_ratio: float = 0.0,
+                 schedule: str = "constant", amp_dtype: torch.dtype | None = None):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.amp_dtype = amp_dtype
+        self.grad_clip = grad_clip
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                           foreach=False)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(total_steps, warmup_ratio, schedule))
+
+    def autocast(self):
+        return autocast(self.device, self.amp_dtype)
+
+    def step(self, loss: torch.Tensor) -> dict[str, float]:
+        """Backward, check, clip, update. Returns grad norm (before clipping) and the lr used."""
+        if not torch.isfinite(loss.detach()).all():
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"non-finite loss ({loss.item()}); the step was skipped")
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"non-finite gradient norm ({grad_norm.item()}); the step was skipped")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm), "lr": float(lr)}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

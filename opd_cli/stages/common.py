@@ -1,0 +1,58 @@
+"""Setup shared by every stage: seeding, model paths, the task and its data."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from opd_cli.errors import OpdError
+from opd_cli.tasks import Task, make_task
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_path(spec: str, cfg: DictConfig) -> str:
+    """`testbed:<name>` -> the testbed's model directory (built on first use); anything else unchanged."""
+    from opd_cli.testbed.paths import resolve_model_path
+
+    return resolve_model_path(spec, cfg.get("testbed_dir"))
+
+
+def task_options(task_cfg) -> dict:
+    if task_cfg.name == "arith":
+        return {"digits": task_cfg.digits, "rule": task_cfg.rule}
+    if task_cfg.name == "math":
+        return {"path": task_cfg.path, "split": task_cfg.split, "fields": dict(task_cfg.fields) or None,
+                "rule": task_cfg.rule}
+    return {}
+
+
+def load_task_and_data(task_cfg) -> tuple[Task, list[dict], list[dict]]:
+    """(task, train rows, eval rows). Synthetic tasks generate both from `task.data_seed` (eval from a
+    different stream, so the sets are independent); dataset tasks read `task.path` / `task.eval_path`."""
+    from opd_cli.data import DataError
+
+    try:
+        task = make_task(task_cfg.name, **task_options(task_cfg))
+        if task_cfg.name == "math":
+            train = task.generate(task_cfg.train_size, task_cfg.data_seed)
+            eval_task = make_task("math", **{**task_options(task_cfg), "path": task_cfg.eval_path or task_cfg.path,
+                                             "split": task_cfg.eval_split})
+            evals = eval_task.generate(task_cfg.eval_size, task_cfg.data_seed + 1)
+        else:
+            train = task.generate(task_cfg.train_size, task_cfg.data_seed)
+            evals = task.generate(task_cfg.eval_size, task_cfg.data_seed + 10_007)
+    except (DataError, ValueError) as exc:
+        raise OpdError(f"task={task_cfg.name}: {exc}") from exc
+    if not train:
+        raise OpdError(f"task={task_cfg.name}: the training set is empty; point task.path at a dataset with rows")
+    if not evals:
+        raise OpdError(f"task={task_cfg.name}: the evaluation set is empty; set task.eval_path or task.eval_size")
+    return task, train, evals

@@ -1,0 +1,126 @@
+"""Evaluation: math accuracy and system-prompt internalization, through the same rollout engines.
+
+    opd eval checkpoint=outputs/.../checkpoints/step_000100            # see opd_cli/commands.py
+
+Accuracy is greedy exact-match by the task's verifier (math-verify for real math data), plus, with
+`eval.samples=n`, sampled avg@n and the unbiased pass@k. The report always carries mean response length,
+the truncation ratio and the accuracy on truncated vs finished responses, because a too-short evaluation
+length fakes an accuracy drop (a warning is printed above 5% truncation).
+
+For a task whose rows carry a system-prompt rule, the model is evaluated with and without the system
+prompt; the internalization score is (follow_without - base_follow_without) /
+(base_follow_with - base_follow_without) relative to the starting checkpoint's numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from opd_cli.rollout.base import RolloutEngine, SamplingConfig
+from opd_cli.tasks.base import Row, Task
+
+log = logging.getLogger("opd")
+TRUNCATION_WARNING = 0.05
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def internalization_score(follow_without: float, base_follow_with: float, base_follow_without: float) -> float:
+    """How much of the gap between the base model with and without the system prompt was closed."""
+    gap = base_follow_with - base_follow_without
+    if abs(gap) < 1e-9:
+        return float("nan")
+    return (follow_without - base_follow_without) / gap
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def evaluate_prompts(engine: RolloutEngine, tokenizer, task: Task, rows: list[Row], prompt_ids: list[list[int]],
+                     *, max_new_tokens: int, samples: int = 0, temperature: float = 1.0, seed: int = 0,
+                     keep_samples: int = 5) -> dict:
+    """Greedy (and optionally sampled) evaluation of already-built prompts."""
+    greedy = engine.generate(prompt_ids, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True), seed)
+    texts = [tokenizer.decode(s[0].response_ids, skip_special_tokens=True) for s in greedy]
+    verdicts = [task.verify(r, t) for r, t in zip(rows, texts, strict=True)]
+    finished = [s[0].finish_reason == "stop" for s in greedy]
+    correct = [v.correct for v in verdicts]
+    result = {
+        "n": len(rows),
+        "accuracy": _mean([float(c) for c in correct]),
+        "well_formed": _mean([float(v.well_formed) for v in verdicts]),
+        "mean_length": _mean([float(len(s[0].response_ids)) for s in greedy]),
+        "truncation_ratio": _mean([float(not f) for f in finished]),
+        "accuracy_finished": _mean([float(c) for c, f in zip(correct, finished, strict=True) if f]),
+        "accuracy_truncated": _mean([float(c) for c, f in zip(correct, finished, strict=True) if not f]),
+    }
+    follows = [v.follows_rule for v in verdicts if v.follows_rule is not None]
+    if follows:
+        result["rule_following"] = _mean([float(f) for f in follows])
+    if result["truncation_ratio"] > TRUNCATION_WARNING:
+        log.warning("%.0f%% of evaluation responses hit eval.max_new_tokens=%d: accuracy is understated; "
+                    "raise eval.max_new_tokens", 100 * result["truncation_ratio"], max_new_tokens)
+    if samples > 0:
+        sampled = engine.generate(
+            prompt_ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, n=samples), seed + 1)
+        counts = []
+        for row, group in zip(rows, sampled, strict=True):
+            counts.append(sum(task.verify(row, tokenizer.decode(s.response_ids, skip_special_tokens=True)).correct
+                              for s in group))
+        result[f"avg@{samples}"] = _mean([c / samples for c in counts])
+        ks = sorted({1, samples} | {2**i for i in range(1, 8) if 2**i < samples})
+        for k in ks:
+            result[f"pass@{k}"] = _mean([pass_at_k(samples, c, k) for c in counts])
+    result["samples"] = [
+        {"prompt": tokenizer.decode(p, skip_special_tokens=False), "response": t, "correct": c,
+         "finish_reason": s[0].finish_reason}
+        for p, t, c, s in list(zip(prompt_ids, texts, correct, greedy, strict=True))[:keep_samples]
+    ]
+    return result
+
+
+def evaluate(engine: RolloutEngine, tokenizer, task: Task, rows: list[Row], student_prompt_ids, *,
+             max_new_tokens: int, samples: int = 0, temperature: float = 1.0, seed: int = 0,
+             keep_samples: int = 5, base: dict | None = None) -> dict:
+    """The evaluation sets of one checkpoint: `main` (the student's own prompts) and, when rows carry a
+    system-prompt rule, `with_system` / `without_system` plus the internalization score vs `base`.
+
+    `student_prompt_ids(row, system_prompt: bool) -> list[int]` builds the prompts.
+    """
+    opts = dict(max_new_tokens=max_new_tokens, samples=samples, temperature=temperature, seed=seed,
+                keep_samples=keep_samples)
+    has_rule = any(task.rules.get(r.get("system_prompt") or "") for r in rows)
+    if not has_rule:
+        return {"main": evaluate_prompts(engine, tokenizer, task, rows,
+                                         [student_prompt_ids(r, True) for r in rows], **opts)}
+    with_sys = evaluate_prompts(engine, tokenizer, task, rows, [student_prompt_ids(r, True) for r in rows], **opts)
+    without = evaluate_prompts(engine, tokenizer, task, rows, [student_prompt_ids(r, False) for r in rows], **opts)
+    out = {"with_system": with_sys, "without_system": without}
+    ref = base or out
+    out["internalization"] = {
+        "follow_with": with_sys.get("rule_following", float("nan")),
+        "follow_without": without.get("rule_following", float("nan")),
+        "score": internalization_score(without.get("rule_following", float("nan")),
+                                       ref["with_system"].get("rule_following", float("nan")),
+                                       ref["without_system"].get("rule_following", float("nan"))),
+    }
+    return out
+
+
+def headline(result: dict) -> dict[str, float]:
+    """Flat scalar metrics of an `evaluate` result, for metrics.jsonl and the tracker."""
+    flat = {}
+    for set_name, values in result.items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"eval/{set_name}/{key}"] = value
+    return flat

@@ -1,0 +1,306 @@
+"""The OPD / OPSD loop: rollout -> teacher scoring -> loss -> learner step -> weight sync, every step.
+
+    opd run                                              # testbed OPD, CPU, vLLM rollouts
+    opd run rollout=hf trainer.steps=50                  # transformers generate() instead of vLLM
+    opd run task=arith_concise teacher=self_system model=opsd_base   # OPSD with a shared-rule PI
+    opd run resume=outputs/<date>/<time>                 # continue a killed run from its last checkpoint
+
+One step, as in the paper: the student samples responses to a batch of prompts (rollout engine, which
+holds the learner's current weights); the teacher scores every response token under its own prompt;
+the learner recomputes the student's logits with gradients and applies the selected divergence; the
+new weights go back to the engine. Everything a step logs is computed from tensors it already has.
+Rollouts of step s depend only on (seed, s, weights), so a resumed run regenerates the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from opd_cli import losses
+from opd_cli.batching import pack, response_hidden_and_logits
+from opd_cli.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from opd_cli.diagnostics import CollapseDetector, loss_signals, rollout_signals
+from opd_cli.errors import OpdError
+from opd_cli.io import atomic_write_json
+from opd_cli.learner import Learner, NonFiniteError, autocast_dtype, load_model, load_tokenizer, pick_device
+from opd_cli.progress import StepProgress
+from opd_cli.rollout.base import SamplingConfig, derive_seed, make_engine
+from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
+from opd_cli.stages.evaluate import evaluate, headline
+from opd_cli.teachers import (
+    PromptBuilder,
+    Teacher,
+    chat_prompt_ids,
+    check_same_vocabulary,
+    student_prompt_builder,
+    teacher_prompt_builder,
+)
+from opd_cli.tracking import Tracker
+
+log = logging.getLogger("opd")
+
+
+def loss_kwargs(loss_cfg) -> dict:
+    """The config's loss options that the selected loss accepts."""
+    accepted = losses.loss_options(loss_cfg.name)
+    return {k: loss_cfg[k] for k in accepted if k in loss_cfg and k not in ("diag_k", "diagnostics")}
+
+
+def check_k_fits(loss_cfg, vocab_size: int) -> None:
+    if "k" in losses.loss_options(loss_cfg.name) and loss_cfg.k > vocab_size:
+        raise OpdError(f"loss.k={loss_cfg.k} is larger than the vocabulary ({vocab_size} tokens); "
+                       f"use loss.k <= {vocab_size}")
+
+
+def batch_rows(rows: list[dict], step: int, seed: int, size: int) -> list[dict]:
+    """The prompts of step `step`: a fixed function of (seed, step), so resume replays them."""
+    rng = random.Random(derive_seed(seed, step, 7))
+    return rng.sample(rows, size) if size <= len(rows) else [rng.choice(rows) for _ in range(size)]
+
+
+class OPDRun:
+    """Set up once, then `train()`; attributes are the run's live state."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, start_model_path: str | None = None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        seed_everything(cfg.seed)
+        self.device = pick_device(cfg.trainer.device)
+        self.amp_dtype = autocast_dtype(self.device, cfg.model.dtype)
+        self.task, self.train_rows, self.eval_rows = load_task_and_data(cfg.task)
+        student_path = start_model_path or resolve_path(cfg.model.path, cfg)
+        self.student_path = student_path
+        self.tokenizer = load_tokenizer(student_path)
+        self.model = load_model(student_path, self.device, trainable=True)
+        check_k_fits(cfg.loss, self.model.config.vocab_size)
+        self.max_len = getattr(self.model.config, "max_position_embeddings", None)
+
+        # The OPSD teacher is a frozen copy of the step-0 student: the same checkpoint, loaded again.
+        teacher_path = student_path if cfg.teacher.kind == "self_pi" else resolve_path(cfg.teacher.path, cfg)
+        teacher_tok = self.tokenizer if teacher_path == student_path else load_tokenizer(teacher_path)
+        teacher_model = load_model(teacher_path, self.device, trainable=False)
+        check_same_vocabulary(self.tokenizer, teacher_tok, self.model, teacher_model)
+        self.student_prompts: PromptBuilder = student_prompt_builder(self.task, cfg.teacher)
+        self.teacher = Teacher(teacher_model, teacher_tok, teacher_prompt_builder(self.task, cfg.teacher),
+                               amp=lambda: torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                                          enabled=self.amp_dtype is not None),
+                               enable_thinking=cfg.model.enable_thinking)
+        self.teacher.prompt_ids(self.train_rows[0])  # fail now, not at step 1, on a bad PI template
+
+        tc = cfg.trainer
+        self.learner = Learner(self.model, lr=tc.lr, total_steps=tc.steps, weight_decay=tc.weight_decay,
+                               betas=tuple(tc.betas), grad_clip=tc.grad_clip, warmup_ratio=tc.warmup_ratio,
+                               schedule=tc.schedule, amp_dtype=self.amp_dtype)
+        self.detector = CollapseDetector(cfg.diagnostics.truncation_threshold, cfg.diagnostics.mass_threshold,
+                                         cfg.diagnostics.repeat_threshold, cfg.diagnostics.patience)
+        self.sampling = SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                       max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n)
+        self.check_lengths()
+        self.hedging = list(cfg.diagnostics.hedging_tokens or self.task.hedging_tokens)
+        self.step = 0
+        self.base_eval: dict | None = None
+        self.skipped_batches = 0
+        self.ckpt_root = self.run_dir / "checkpoints"
+        resume_state = self.restore() if cfg.resume else None
+        self.engine = make_engine(cfg.rollout.engine, student_path, device=self.device.type,
+                                  dtype="bfloat16" if self.amp_dtype == torch.bfloat16 else "float32",
+                                  model=self.model, **self.engine_options())
+        self.tracker = Tracker(self.run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger,
+                               name=cfg.cell.name if cfg.cell.name != "default" else None,
+                               resume_step=resume_state)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def engine_options(self) -> dict:
+        if self.cfg.rollout.engine != "vllm":
+            return {}
+        r = self.cfg.rollout
+        return {"gpu_memory_utilization": r.gpu_memory_utilization, "max_model_len": r.max_model_len,
+                "tensor_parallel_size": r.tensor_parallel_size, "seed": self.cfg.seed}
+
+    def check_lengths(self) -> None:
+        longest_prompt = max(len(self.prompt_ids(r)) for r in self.train_rows[:256])
+        budget = longest_prompt + self.cfg.rollout.max_new_tokens
+        if self.max_len is not None and budget > self.max_len:
+            raise OpdError(f"prompt ({longest_prompt} tokens) + rollout.max_new_tokens "
+                           f"({self.cfg.rollout.max_new_tokens}) exceeds the model's context ({self.max_len}); "
+                           f"lower rollout.max_new_tokens")
+        if self.cfg.rollout.engine == "vllm" and budget > self.cfg.rollout.max_model_len:
+            raise OpdError(f"prompt + rollout.max_new_tokens = {budget} tokens > rollout.max_model_len="
+                           f"{self.cfg.rollout.max_model_len}; raise rollout.max_model_len")
+
+    def prompt_ids(self, row: dict, system_prompt: bool | None = None) -> list[int]:
+        builder = self.student_prompts if system_prompt is None else PromptBuilder(self.task, system_prompt)
+        return chat_prompt_ids(self.tokenizer, builder.messages(row), self.cfg.model.enable_thinking)
+
+    def restore(self) -> int:
+        ckpt = latest_checkpoint(self.ckpt_root)
+        if ckpt is None:
+            raise OpdError(f"resume={self.run_dir}: no complete checkpoint in {self.ckpt_root}; start a new run")
+        from safetensors.torch import load_file
+
+        weights = {}
+        for shard in sorted(ckpt.glob("*.safetensors")):
+            weights.update(load_file(str(shard), device=str(self.device)))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise OpdError(f"checkpoint {ckpt} does not match the model (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}); resume with the run's own config")
+        state = load_trainer_state(ckpt)
+        self.learner.load_state_dict(state["learner"])
+        self.detector.load_state_dict(state["detector"])
+        self.base_eval = state.get("base_eval")
+        self.skipped_batches = state.get("skipped_batches", 0)
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", ckpt, self.step)
+        return self.step
+
+    def save(self) -> None:
+        save_checkpoint(self.ckpt_root, self.step, self.model, self.tokenizer, {
+            "learner": self.learner.state_dict(), "detector": self.detector.state_dict(),
+            "base_eval": self.base_eval, "skipped_batches": self.skipped_batches})
+
+    # ------------------------------------------------------------------------------------------- step
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        rows = batch_rows(self.train_rows, self.step, cfg.seed, cfg.trainer.prompts_per_step)
+        prompts = [self.prompt_ids(r) for r in rows]
+
+        t0 = time.perf_counter()
+        groups = self.engine.generate(prompts, self.sampling, seed=derive_seed(cfg.seed, self.step))
+        samples = [s for g in groups for s in g]
+        sample_rows = [r for r, g in zip(rows, groups, strict=True) for _ in g]
+        responses = [s.response_ids for s in samples]
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        verdicts = [self.task.verify(r, t) for r, t in zip(sample_rows, texts, strict=True)]
+        correct = [v.correct for v in verdicts]
+        metrics = rollout_signals(responses, texts, [s.finish_reason for s in samples], self.hedging, correct)
+        metrics["rollout_well_formed"] = sum(v.well_formed for v in verdicts) / len(verdicts)
+        t1 = time.perf_counter()
+        if not any(responses):
+            self.skipped_batches += 1
+            log.warning("step %d: every response is empty; batch skipped (%d so far)", self.step + 1,
+                        self.skipped_batches)
+            return {**metrics, "skipped_batches": self.skipped_batches}
+
+        teacher_lp = self.teacher.score(sample_rows, responses)
+        t2 = time.perf_counter()
+
+        batch = pack([s.prompt_ids for s in samples], responses, self.tokenizer.pad_token_id).to(self.device)
+        kwargs = loss_kwargs(cfg.loss)
+        if cfg.loss.name == "sampled_rkl":
+            kwargs["behavior_logprobs"] = self._behavior_logprobs(samples, batch.response_mask.shape)
+        with self.learner.autocast():
+            if cfg.loss.chunk_size > 0:
+                hidden, _ = response_hidden_and_logits(self.model, batch, logits=False)
+                head = self.model.get_output_embeddings()
+                out = losses.chunked_loss(cfg.loss.name, hidden, head.weight, teacher_lp, batch.response_ids,
+                                          batch.response_mask, chunk_size=cfg.loss.chunk_size,
+                                          lm_head_bias=head.bias, **kwargs)
+                logits = None
+            else:
+                _, logits = response_hidden_and_logits(self.model, batch)
+                out = losses.compute_loss(cfg.loss.name, logits, teacher_lp, batch.response_ids,
+                                          batch.response_mask, **kwargs)
+        metrics.update(loss_signals(out.per_token, batch.response_mask, correct))
+        if logits is not None and (self.step + 1) % cfg.diagnostics.every == 0:
+            metrics["grad_cosine_to_full_rkl"] = float(losses.grad_cosine_to_full_rkl(
+                cfg.loss.name, logits.detach(), teacher_lp, batch.response_ids, batch.response_mask, **kwargs))
+        metrics["loss"] = float(out.loss.detach())
+        metrics.update(self.learner.step(out.loss))
+        t3 = time.perf_counter()
+        sync = self.engine.sync_weights(self.model)
+        t4 = time.perf_counter()
+        total = t4 - t0
+        metrics.update({"time/rollout": t1 - t0, "time/teacher": t2 - t1, "time/learner": t3 - t2,
+                        "time/sync": t4 - t3, "time/step": total, "time/sync_fraction": sync / total,
+                        "tokens": sum(len(r) for r in responses)})
+        return metrics
+
+    def _behavior_logprobs(self, samples, shape) -> torch.Tensor:
+        out = torch.zeros(shape, dtype=torch.float32)
+        for i, s in enumerate(samples):
+            out[i, : len(s.logprobs)] = torch.tensor(s.logprobs, dtype=torch.float32)
+        return out.to(self.device)
+
+    # ------------------------------------------------------------------------------------------- eval
+    def run_eval(self) -> dict:
+        e = self.cfg.eval
+        rows = self.eval_rows[: e.size]
+        result = evaluate(self.engine, self.tokenizer, self.task, rows, self.prompt_ids,
+                          max_new_tokens=e.max_new_tokens, samples=e.samples, temperature=e.temperature,
+                          seed=derive_seed(self.cfg.seed, 10**6), keep_samples=e.keep_samples,
+                          base=self.base_eval)
+        result["step"] = self.step
+        atomic_write_json(self.run_dir / "eval" / f"step_{self.step:06d}.json", result)
+        if self.base_eval is None:
+            self.base_eval = result
+        return result
+
+    # ------------------------------------------------------------------------------------------ train
+    def train(self) -> dict:
+        cfg = self.cfg
+        total = cfg.trainer.steps
+        every = cfg.eval.every
+        if self.step == 0:
+            self.tracker.log(0, headline(self.run_eval()))
+        last_eval = None
+        with StepProgress(total, start=self.step, description=f"{cfg.stage} {cfg.loss.name}") as progress:
+            while self.step < total:
+                try:
+                    metrics = self.train_step()
+                except NonFiniteError as exc:
+                    self.tracker.log(self.step + 1, {"non_finite": 1.0})
+                    raise OpdError(f"step {self.step + 1}: {exc}; the last good checkpoint is in "
+                                   f"{self.ckpt_root} (lower trainer.lr or raise trainer.grad_clip)") from exc
+                self.step += 1
+                if self.detector.update(self.step, metrics):
+                    log.warning("collapse detected at step %d (%s)", self.detector.collapsed_at,
+                                ", ".join(self.detector.bad(metrics)))
+                metrics["collapsed"] = float(self.detector.collapsed_at is not None)
+                if every and self.step % every == 0 and self.step < total:
+                    last_eval = self.run_eval()
+                    metrics.update(headline(last_eval))
+                self.tracker.log(self.step, metrics)
+                progress.update(self.step, metrics)
+                if self.step % cfg.trainer.save_every == 0 or self.step == total:
+                    self.save()
+                if cfg.diagnostics.stop_on_collapse and self.detector.collapsed_at is not None:
+                    log.warning("stopping: diagnostics.stop_on_collapse=true")
+                    break
+        final = self.run_eval()
+        self.tracker.log(self.step, headline(final))
+        self.save()
+        summary = self.summary(final)
+        self.tracker.summary(summary)
+        return summary
+
+    def summary(self, final: dict) -> dict:
+        main = final.get("main") or final.get("without_system")
+        base = self.base_eval.get("main") or self.base_eval.get("without_system")
+        out = {"steps": self.step, "final_accuracy": main["accuracy"], "start_accuracy": base["accuracy"],
+               "accuracy_change": main["accuracy"] - base["accuracy"],
+               "final_mean_length": main["mean_length"], "final_truncation_ratio": main["truncation_ratio"],
+               "collapsed_at": self.detector.collapsed_at, "skipped_batches": self.skipped_batches,
+               "run_dir": str(self.run_dir)}
+        if "internalization" in final:
+            out["internalization_score"] = final["internalization"]["score"]
+            out["follow_without"] = final["internalization"]["follow_without"]
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+        self.tracker.finish()
+
+
+def run(cfg: DictConfig, run_dir: Path, start_model_path: str | None = None) -> dict:
+    opd = OPDRun(cfg, run_dir, start_model_path)
+    try:
+        return opd.train()
+    finally:
+        opd.close()
