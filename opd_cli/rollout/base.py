@@ -21,6 +21,7 @@ the same contract, so the trainer can swap them (``rollout=vllm`` / ``rollout=hf
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ class Sample:
     # Per response token: log-prob of the sampled token under the engine's model, raw distribution at
     # temperature 1 (log_softmax of the logits, no temperature / top-p applied). len == len(response_ids).
     logprobs: list[float]
-    # "stop": the model emitted EOS (the last response id is EOS); "length": hit max_new_tokens.
+    # "stop": the model emitted EOS (the last response id is EOS); "length": hit max_new_tokens (or, for
+    # vLLM, its max_model_len context limit).
     finish_reason: str
 
     @property
@@ -82,15 +84,31 @@ def derive_seed(seed: int, *parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
 
 
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None):
+    """Run a block with ``torch.set_num_threads(num_threads)`` (None: leave as is), then restore.
+
+    On a small shared CPU box, tiny-model generation is dominated by OpenMP barrier spin-waits when
+    other processes compete for the cores: one thread is then ~10x faster than two.
+    """
+    if num_threads is None or num_threads == torch.get_num_threads():
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class RolloutEngine(ABC):
     """Samples student responses. See the module docstring for the contract."""
 
     kind: str = "?"
 
     @abstractmethod
-    def generate(
-        self, prompts: list[list[int]], sampling: SamplingConfig, seed: int
-    ) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[list[Sample]]:
         """Sample ``sampling.n`` responses per prompt; returns ``[prompt][n]``."""
 
     @abstractmethod
