@@ -2,10 +2,53 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
+
+from opd_cli.errors import OpdError
+
+
+@click.command("eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="JSON output (default: <run dir>/eval/<checkpoint>.json, or ./eval/<checkpoint>.json).")
+def eval_cmd(overrides: tuple[str, ...], engine: str, out: str | None) -> None:
+    """Evaluate a checkpoint (Hugging Face format) on the configured task: greedy and sampled accuracy,
+    length, truncation, and system-prompt internalization for rule tasks.
+
+    \b
+    Examples:
+      opd eval checkpoint=testbed:student_sft
+      opd eval checkpoint=outputs/2026-11-29/10-00-00-000000/checkpoints/step_000100 eval.samples=8
+      opd eval checkpoint=testbed:opsd_base task=arith_concise --engine hf
+    """
+    from opd_cli.cli import compose, fail, prevalidate
+    from opd_cli.io import atomic_write_json
+    from opd_cli.stages.evaluate import evaluate_checkpoint, format_table
+
+    rest = [o for o in overrides if not o.startswith("checkpoint=")]
+    ckpt = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
+    try:
+        if not ckpt:
+            raise OpdError("missing checkpoint=<model dir or testbed:name>, e.g. opd eval checkpoint=testbed:student_sft")
+        prevalidate(rest, multirun=False, writes=False)
+        cfg = compose(rest)
+        result = evaluate_checkpoint(cfg, ckpt[-1], engine)
+    except OpdError as exc:
+        fail(str(exc))
+    path = Path(ckpt[-1])
+    default_dir = path.parent.parent / "eval" if path.parent.name == "checkpoints" else Path("eval")
+    target = Path(out) if out else default_dir / f"{path.name.replace(':', '_')}.json"
+    atomic_write_json(target, result)
+    click.echo(format_table(result))
+    click.echo(f"results: {target}")
+    sys.exit(0)
 
 
 def all_commands() -> list[click.Command]:
     from opd_cli.bench.cli import bench_group
 
-    return [bench_group]
+    return [bench_group, eval_cmd]

@@ -124,3 +124,55 @@ def headline(result: dict) -> dict[str, float]:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 flat[f"eval/{set_name}/{key}"] = value
     return flat
+
+
+def evaluate_checkpoint(cfg, checkpoint: str, engine_kind: str) -> dict:
+    """`opd eval`: load a Hugging Face checkpoint and evaluate it on the configured task's eval set."""
+    import torch
+
+    from opd_cli.learner import check_model_dir, load_tokenizer, pick_device
+    from opd_cli.rollout.base import make_engine
+    from opd_cli.stages.common import load_task_and_data, resolve_path
+    from opd_cli.teachers import PromptBuilder, chat_prompt_ids
+
+    path = resolve_path(checkpoint, cfg)
+    check_model_dir(path)
+    device = pick_device(cfg.trainer.device)
+    task, _, rows = load_task_and_data(cfg.task)
+    tokenizer = load_tokenizer(path)
+    dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    opts = ({"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
+             "max_model_len": cfg.rollout.max_model_len, "seed": cfg.seed} if engine_kind == "vllm" else {})
+    engine = make_engine(engine_kind, path, device=device.type, dtype=dtype, **opts)
+
+    def prompt_ids(row, system_prompt):
+        return chat_prompt_ids(tokenizer, PromptBuilder(task, system_prompt).messages(row),
+                               cfg.model.enable_thinking)
+
+    try:
+        e = cfg.eval
+        return evaluate(engine, tokenizer, task, rows[: e.size], prompt_ids, max_new_tokens=e.max_new_tokens,
+                        samples=e.samples, temperature=e.temperature, seed=cfg.seed, keep_samples=e.keep_samples)
+    finally:
+        engine.close()
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of an `evaluate` result (one row per evaluation set)."""
+    cols = ["accuracy", "well_formed", "rule_following", "mean_length", "truncation_ratio",
+            "accuracy_finished", "accuracy_truncated"]
+    extra = sorted({k for v in result.values() if isinstance(v, dict) for k in v
+                    if k.startswith(("avg@", "pass@"))})
+    header = ["set", *cols, *extra]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for name, values in result.items():
+        if not isinstance(values, dict) or "accuracy" not in values:
+            continue
+        cells = [name] + [f"{values[c]:.3f}" if isinstance(values.get(c), float) else str(values.get(c, "-"))
+                          for c in cols + extra]
+        lines.append(" | ".join(cells))
+    if "internalization" in result:
+        i = result["internalization"]
+        lines.append(f"internalization: follow_with={i['follow_with']:.3f} follow_without={i['follow_without']:.3f}"
+                     f" score={i['score']:.3f}")
+    return "\n".join(lines)
