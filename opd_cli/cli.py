@@ -25,6 +25,7 @@ from opd_cli.errors import OpdError, UsageError
 # Defaults that must be in place before vllm/wandb/tokenizers are imported anywhere.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 EXIT_BAD_INPUT = 2
 MAX_PREVALIDATED_JOBS = 2000

@@ -83,7 +83,8 @@ class CollapseDetector:
       sees (the "+1" drain of mechanism 2; a healthy student keeps > 0.95 here);
     - 3-gram repeat ratio > 0.6: the "maybe maybe ..." loop (a well-formed scratchpad stays < 0.3).
     `patience` consecutive bad steps (default 3) mark the run collapsed at the first of them, so a single
-    noisy batch never does.
+    noisy batch never does. Only a run that has been healthy can collapse: a student that is malformed
+    from step 1 (OPD from an un-SFT'd base model) is reported by its accuracy, not as a collapse.
     """
 
     truncation_threshold: float = 0.5
@@ -93,6 +94,7 @@ class CollapseDetector:
     collapsed_at: int | None = None
     _streak_start: int | None = None
     _streak: int = 0
+    _was_healthy: bool = False
 
     def bad(self, metrics: dict[str, float]) -> list[str]:
         reasons = []
@@ -109,7 +111,9 @@ class CollapseDetector:
         """Feed one step; True exactly once, at the step the run is declared collapsed."""
         if self.collapsed_at is not None:
             return False
-        if self.bad(metrics):
+        if not self.bad(metrics):
+            self._was_healthy = True
+        if self.bad(metrics) and self._was_healthy:
             if self._streak == 0:
                 self._streak_start = step
             self._streak += 1
@@ -121,9 +125,11 @@ class CollapseDetector:
         return False
 
     def state_dict(self) -> dict:
-        return {"collapsed_at": self.collapsed_at, "streak_start": self._streak_start, "streak": self._streak}
+        return {"collapsed_at": self.collapsed_at, "streak_start": self._streak_start, "streak": self._streak,
+                "was_healthy": self._was_healthy}
 
     def load_state_dict(self, state: dict) -> None:
         self.collapsed_at = state["collapsed_at"]
         self._streak_start = state["streak_start"]
         self._streak = state["streak"]
+        self._was_healthy = state["was_healthy"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import netrc
+import secrets
 import os
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ class Tracker:
             mode = "online" if _has_wandb_credentials() else "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
         id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
         atomic_write_text(id_file, run_id)
         return wandb.init(
             project=logger_cfg.project,

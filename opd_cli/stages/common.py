@@ -20,6 +20,8 @@ def seed_everything(seed: int) -> None:
 
 def resolve_path(spec: str, cfg: DictConfig) -> str:
     """`testbed:<name>` -> the testbed's model directory (built on first use); anything else unchanged."""
+    if not str(spec).startswith("testbed:"):
+        return str(spec)
     from opd_cli.testbed.paths import resolve_model_path
 
     return resolve_model_path(spec, cfg.get("testbed_dir"))

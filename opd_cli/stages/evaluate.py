@@ -120,6 +120,8 @@ def headline(result: dict) -> dict[str, float]:
     """Flat scalar metrics of an `evaluate` result, for metrics.jsonl and the tracker."""
     flat = {}
     for set_name, values in result.items():
+        if not isinstance(values, dict):
+            continue
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 flat[f"eval/{set_name}/{key}"] = value
