@@ -35,9 +35,8 @@ def write_status(run_dir: Path, status: str, error: str | None = None, **extra) 
 
 
 def _is_fresh(run_dir: Path) -> bool:
-    """Nothing but Hydra's own files and the log: safe to remove when setup fails."""
-    keep = {".hydra", "status.json"}
-    return all(p.name in keep or p.suffix == ".log" for p in run_dir.iterdir())
+    """No metrics, checkpoints or evaluations yet (only Hydra's config, the log, status): removable."""
+    return not any((run_dir / name).exists() for name in ("metrics.jsonl", "checkpoints", "eval", "sft_student"))
 
 
 def _job(cfg: DictConfig) -> dict | None:

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from opd_cli import losses
+from opd_cli.losses_chunked import chunked_loss
 from opd_cli.batching import pack, response_hidden_and_logits
 from opd_cli.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from opd_cli.diagnostics import CollapseDetector, loss_signals, rollout_signals
@@ -199,7 +200,7 @@ class OPDRun:
             if cfg.loss.chunk_size > 0:
                 hidden, _ = response_hidden_and_logits(self.model, batch, logits=False)
                 head = self.model.get_output_embeddings()
-                out = losses.chunked_loss(cfg.loss.name, hidden, head.weight, teacher_lp, batch.response_ids,
+                out = chunked_loss(cfg.loss.name, hidden, head.weight, teacher_lp, batch.response_ids,
                                           batch.response_mask, chunk_size=cfg.loss.chunk_size,
                                           lm_head_bias=head.bias, **kwargs)
                 logits = None

@@ -1,0 +1,196 @@
+"""The training loop as a user runs it: `opd run` subprocesses with tiny budgets on tiny random models.
+
+Each run is a few steps of 4-8 prompts, so these check wiring, files and exactness (resume, alignment,
+weight sync), not learning; learning is the testbed's and the matrix's business.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd_cli.batching import pack, response_hidden_and_logits
+
+TINY = ["trainer.prompts_per_step=4", "eval.size=4", "eval.max_new_tokens=24", "rollout.max_new_tokens=24",
+        "logger=none", "task.train_size=64"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from conftest import build_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "student": build_tiny_model_dir(root / "student", seed=0),
+        "teacher": build_tiny_model_dir(root / "teacher", seed=1, hidden_size=96, num_layers=3),
+    }
+
+
+def opd(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "opd_cli.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def base_args(models, *extra: str) -> list[str]:
+    return [f"model.path={models['student']}", f"teacher.path={models['teacher']}", *TINY, *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    ["teacher=large", "loss=topk_rkl"],
+    ["teacher=rlvr", "loss=full_rkl", "loss.chunk_size=16"],
+    ["teacher=self_answer", "loss=topk_rkl_stopgrad"],
+    ["teacher=self_system", "task=arith_concise", "loss=topk_rkl_renorm"],
+    ["loss=sampled_rkl", "loss.is_clip=2.0"],
+], ids=["external", "rlvr-chunked", "opsd-answer", "opsd-system", "sampled"])
+def test_opd_run_writes_a_complete_run_dir(models, tmp_path, extra):
+    run_dir = tmp_path / "run"
+    res = opd("run", *base_args(models, *extra, "trainer.steps=2", "rollout=hf", "eval.every=1",
+                                f"hydra.run.dir={run_dir}"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = metrics(run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    for key in ("loss", "grad_norm", "lr", "response_length", "truncation_ratio", "repeat_ratio",
+                "hedging_rate", "student_mass_in_support", "topk_overlap", "sampled_logratio",
+                "student_entropy", "rollout_accuracy", "time/rollout", "time/teacher", "time/learner",
+                "time/sync"):
+        assert key in train_rows[0], key
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and "final_accuracy" in summary
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "ok"
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "eval" / "step_000000.json").exists()
+    assert (run_dir / "checkpoints" / "step_000002" / "model.safetensors").exists()
+    if "task=arith_concise" in extra:
+        final = json.loads((run_dir / "eval" / "step_000002.json").read_text())
+        assert {"with_system", "without_system", "internalization"} <= set(final)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_opd_run_with_vllm_rollouts(models, tmp_path):
+    run_dir = tmp_path / "run"
+    res = opd("run", *base_args(models, "trainer.steps=2", "rollout=vllm", "eval.every=0",
+                                f"hydra.run.dir={run_dir}"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    train_rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert len(train_rows) == 2 and train_rows[-1]["time/sync"] > 0
+
+
+def _strip_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_metrics(models, tmp_path):
+    args = base_args(models, "trainer.steps=5", "trainer.save_every=2", "rollout=hf", "eval.every=3")
+    full = tmp_path / "full"
+    assert opd("run", *args, f"hydra.run.dir={full}", cwd=tmp_path).returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "opd_cli.cli", "run", *args, f"hydra.run.dir={killed}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (killed / "checkpoints" / "step_000002").exists() and len(
+                [r for r in metrics(killed) if "loss" in r]) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = opd("run", f"resume={killed}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _strip_times(metrics(killed)) == _strip_times(metrics(full))
+    assert json.loads((killed / "summary.json").read_text())["final_accuracy"] == json.loads(
+        (full / "summary.json").read_text())["final_accuracy"]
+
+
+@pytest.mark.slow
+def test_multirun_2x2_smoke(models, tmp_path):
+    res = opd("run", "-m", *base_args(models, "trainer.steps=1", "rollout=hf", "eval.every=0",
+                                      "loss=topk_rkl,topk_rkl_stopgrad", "seed=0,1",
+                                      f"hydra.sweep.dir={tmp_path / 'sweep'}"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(jobs) == 4
+    for job in jobs:
+        assert (job / ".hydra" / "config.yaml").exists() and (job / "metrics.jsonl").exists()
+        assert json.loads((job / "status.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_vocabulary_mismatch_is_rejected(models, tmp_path):
+    from conftest import build_tiny_model_dir
+    from transformers import AutoTokenizer
+
+    other = build_tiny_model_dir(tmp_path / "other", seed=2)
+    tok = AutoTokenizer.from_pretrained(str(other))
+    tok.add_tokens(["<|extra|>"])
+    tok.save_pretrained(str(other))
+    res = opd("run", *base_args(models, f"teacher.path={other}", "trainer.steps=1", "rollout=hf"),
+              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: teacher tokenizer") and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists(), "a run rejected at setup leaves nothing behind"
+
+
+@pytest.mark.slow
+def test_missing_pi_field_is_rejected(models, tmp_path):
+    res = opd("run", *base_args(models, "teacher=self_answer", "teacher.prompt_template='{problem};{nope}'",
+                                "trainer.steps=1", "rollout=hf"), cwd=tmp_path)
+    assert res.returncode == 2 and "['nope']" in res.stderr
+
+
+def test_opsd_alignment_with_a_pi_longer_than_the_student_prompt(tiny_model_dir):
+    """Teacher position t scores exactly the student's response token t, whatever the prompt lengths."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd_cli.tasks import make_task
+    from opd_cli.teachers import PromptBuilder, Teacher, chat_prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    task = make_task("arith", digits=3)
+    rows = task.generate(3, seed=0)
+    builder = PromptBuilder(task, user_template="{problem}\nR:{solution_student}\nH:{answer}")
+    teacher = Teacher(model, tok, builder)
+    responses = [tok(r["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in rows]
+    scored = teacher.score(rows, responses).full
+    student_prompt = chat_prompt_ids(tok, task.messages(rows[0]))
+    assert len(teacher.prompt_ids(rows[0])) > 2 * len(student_prompt)
+    for i, row in enumerate(rows):
+        ids = teacher.prompt_ids(row) + responses[i]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        p = len(teacher.prompt_ids(row))
+        for t, token in enumerate(responses[i]):
+            assert torch.allclose(scored[i, t], logp[p - 1 + t], atol=1e-5)
+            assert scored[i, t, token] == pytest.approx(float(logp[p - 1 + t, token]), abs=1e-5)
+
+
+def test_pack_gathers_the_positions_that_predict_each_response_token(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    prompts, responses = [[4, 10, 11], [4, 12]], [[20, 21, 2], [22]]
+    batch = pack(prompts, responses, pad_id=0)
+    _, logits = response_hidden_and_logits(model, batch)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        full = model(torch.tensor([p + r])).logits[0]
+        for t in range(len(r)):
+            assert torch.allclose(logits[i, t], full[len(p) - 1 + t], atol=1e-5)
+    assert batch.response_mask.tolist() == [[True, True, True], [True, False, False]]
