@@ -40,8 +40,6 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     elif cfg.stage == "sft":
         summary = {"model": sft_stabilization(cfg, run_dir, out_name="model")}
     elif cfg.stage == "rlvr":
-        from opd_cli.stages.rlvr import run_rlvr_stage
-
         summary = run_rlvr_stage(cfg, run_dir)
     else:  # validate() already rejects it; kept for a clear message if called directly
         raise OpdError(f"stage={cfg.stage!r} is not allowed; choose one of: opd, sft, rlvr")
@@ -54,8 +52,6 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
 def sft_stabilization(cfg: DictConfig, run_dir: Path, out_name: str = "sft_student") -> str:
     """SFT the student on verifier-filtered teacher traces (or reference solutions); returns the new
     model directory. A finished stage (DONE marker) is reused when a killed run resumes."""
-    from opd_cli.stages.sft import run_sft_stage
-
     out = run_dir / out_name
     if (out / DONE_MARKER).exists():
         log.info("stabilization: reusing %s", out)
@@ -63,3 +59,132 @@ def sft_stabilization(cfg: DictConfig, run_dir: Path, out_name: str = "sft_stude
     run_sft_stage(cfg, out)
     atomic_write_text(out / DONE_MARKER, "ok\n")
     return str(out)
+
+
+def _sft_examples(cfg: DictConfig, task, rows: list[dict], device) -> tuple[list, dict]:
+    """(examples, stats): verifier-filtered teacher traces, or the rows' reference solutions."""
+    from opd_cli.learner import load_model
+    from opd_cli.rollout.base import SamplingConfig, derive_seed, make_engine
+    from opd_cli.stages.common import resolve_path
+    from opd_cli.teachers import chat_prompt_ids
+
+    st = cfg.stabilization
+    rows = rows[: st.num_traces]
+    if st.source == "reference":
+        return [(task.messages(r), r["solution"]) for r in rows], {"traces": len(rows), "kept": len(rows)}
+    from opd_cli.learner import load_tokenizer
+
+    teacher_path = resolve_path(cfg.teacher.path, cfg)
+    tok = load_tokenizer(teacher_path)
+    teacher = load_model(teacher_path, device, trainable=False)
+    engine = make_engine("hf", teacher_path, device=device.type, model=teacher)
+    prompts = [chat_prompt_ids(tok, task.messages(r)) for r in rows]
+    groups = engine.generate(prompts, SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                                     max_new_tokens=cfg.eval.max_new_tokens),
+                             derive_seed(cfg.seed, 424242))
+    examples = []
+    for row, group in zip(rows, groups, strict=True):
+        text = tok.decode(group[0].response_ids, skip_special_tokens=True)
+        verdict = task.verify(row, text)
+        if verdict.correct and verdict.well_formed and group[0].finish_reason == "stop":
+            examples.append((task.messages(row), text))
+    if not examples:
+        raise OpdError("stabilization=sft: no teacher trace passed the verifier; check the teacher "
+                       "(teacher.path) or use stabilization.source=reference")
+    return examples, {"traces": len(rows), "kept": len(examples)}
+
+
+def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
+    """SFT the configured student (`model.path`) and save it, with its tokenizer, to `out`."""
+    from opd_cli.batching import pack
+    from opd_cli.learner import load_model, load_tokenizer, pick_device
+    from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
+    from opd_cli.stages.sft import response_nll, sft_train, tokenize_examples
+
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.trainer.device)
+    task, train_rows, _ = load_task_and_data(cfg.task)
+    path = resolve_path(cfg.model.path, cfg)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, device, trainable=True)
+    examples, stats = _sft_examples(cfg, task, train_rows, device)
+    held_out = tokenize_examples(tokenizer, examples[-min(256, max(1, len(examples) // 8)):])
+
+    def nll() -> float:
+        import torch
+
+        with torch.no_grad():
+            batch = pack([p for p, _ in held_out], [r for _, r in held_out], tokenizer.pad_token_id).to(device)
+            return float(response_nll(model, batch)[0])
+
+    stats["nll_before"] = nll()
+    st = cfg.stabilization
+    final = sft_train(model, tokenizer, examples, steps=st.steps, batch_size=st.batch_size, lr=st.lr,
+                      warmup_ratio=st.warmup_ratio, schedule=st.schedule, seed=cfg.seed, device=device,
+                      progress=False, log_fn=lambda step, m: log.info("sft step %d loss %.4f", step, m["loss"]))
+    stats["nll_after"] = nll()
+    stats["final_loss"] = final.get("loss")
+    log.info("stabilization sft: %d/%d traces kept; student NLL on teacher traces %.3f -> %.3f",
+             stats["kept"], stats["traces"], stats["nll_before"], stats["nll_after"])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    atomic_write_json(out / "sft_stats.json", stats)
+    return stats
+
+
+def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    """GRPO on the task's verifier reward; the result in `run_dir/model` is a `teacher.path` for OPD."""
+    from opd_cli.learner import load_model, load_tokenizer, pick_device
+    from opd_cli.rollout.base import make_engine
+    from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
+    from opd_cli.stages.evaluate import evaluate, headline
+    from opd_cli.stages.rlvr import grpo_train
+    from opd_cli.teachers import PromptBuilder, chat_prompt_ids
+    from opd_cli.tracking import Tracker
+
+    if cfg.rollout.n < 2:
+        raise OpdError(f"stage=rlvr needs rollout.n >= 2 samples per prompt (GRPO normalizes rewards within a "
+                       f"group), got rollout.n={cfg.rollout.n}")
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.trainer.device)
+    task, train_rows, eval_rows = load_task_and_data(cfg.task)
+    path = resolve_path(cfg.model.path, cfg)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, device, trainable=True)
+    engine = make_engine(cfg.rollout.engine, path, device=device.type, model=model)
+    tracker = Tracker(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger)
+
+    def prompt_ids(row, system_prompt):
+        return chat_prompt_ids(tokenizer, PromptBuilder(task, system_prompt).messages(row))
+
+    def run_eval(step: int) -> dict:
+        e = cfg.eval
+        result = evaluate(engine, tokenizer, task, eval_rows[: e.size], prompt_ids, max_new_tokens=e.max_new_tokens)
+        atomic_write_json(run_dir / "eval" / f"step_{step:06d}.json", {**result, "step": step})
+        tracker.log(step, headline(result))
+        return result
+
+    try:
+        start = run_eval(0)
+        tc = cfg.trainer
+        grpo_train(model, tokenizer, task, train_rows, engine=engine, steps=tc.steps,
+                   prompts_per_step=tc.prompts_per_step, samples_per_prompt=cfg.rollout.n, lr=tc.lr,
+                   clip_eps=tc.clip_eps, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                   max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, warmup_ratio=tc.warmup_ratio,
+                   schedule=tc.schedule, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, progress=False,
+                   log_fn=lambda step, m: tracker.log(step, {k: v for k, v in m.items() if k != "step"}),
+                   log_every=1)
+        final = run_eval(tc.steps)
+        out = run_dir / "model"
+        model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        summary = {"model": str(out), "start_accuracy": start["main"]["accuracy"],
+                   "final_accuracy": final["main"]["accuracy"], "steps": tc.steps}
+        tracker.summary(summary)
+        log.info("rlvr: accuracy %.3f -> %.3f; use teacher=rlvr teacher.path=%s", summary["start_accuracy"],
+                 summary["final_accuracy"], out)
+        return summary
+    finally:
+        engine.close()
+        tracker.finish()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import math
 import netrc
-import secrets
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 

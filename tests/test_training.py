@@ -194,3 +194,29 @@ def test_pack_gathers_the_positions_that_predict_each_response_token(tiny_model_
         for t in range(len(r)):
             assert torch.allclose(logits[i, t], full[len(p) - 1 + t], atol=1e-5)
     assert batch.response_mask.tolist() == [[True, True, True], [True, False, False]]
+
+
+@pytest.mark.slow
+def test_rlvr_stage_produces_a_teacher_checkpoint_that_opd_can_use(models, tmp_path):
+    rl = tmp_path / "rl"
+    res = opd("run", "stage=rlvr", f"model.path={models['student']}", *TINY, "rollout=hf", "rollout.n=4",
+              "trainer.steps=2", f"hydra.run.dir={rl}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (rl / "model" / "config.json").exists()
+    rows = [r for r in metrics(rl) if "reward" in r]
+    assert [r["step"] for r in rows] == [1, 2] and "informative_groups" in rows[0]
+    res = opd("run", *base_args(models, "teacher=rlvr", f"teacher.path={rl / 'model'}", "trainer.steps=1",
+                                "rollout=hf", f"hydra.run.dir={tmp_path / 'opd'}"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sft_then_opd(models, tmp_path):
+    run_dir = tmp_path / "run"
+    res = opd("run", *base_args(models, "stabilization=sft", "stabilization.source=reference",
+                                "stabilization.steps=3", "stabilization.num_traces=64", "trainer.steps=1",
+                                "rollout=hf", f"hydra.run.dir={run_dir}"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats = json.loads((run_dir / "sft_student" / "sft_stats.json").read_text())
+    assert stats["kept"] == 64 and stats["nll_after"] < stats["nll_before"]
+    assert (run_dir / "sft_student" / "DONE").exists()
