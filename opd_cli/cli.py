@@ -26,6 +26,10 @@ from opd_cli.errors import OpdError, UsageError
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+# Per-file progress bars of transformers/datasets/hub would drown opd's own progress and tables.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 EXIT_BAD_INPUT = 2
 MAX_PREVALIDATED_JOBS = 2000

@@ -48,7 +48,34 @@ def eval_cmd(overrides: tuple[str, ...], engine: str, out: str | None) -> None:
     sys.exit(0)
 
 
+@click.command("probe", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("-n", "--num", "n", type=int, default=200, show_default=True, help="Problems to probe.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="probe.json", show_default=True)
+def probe_cmd(overrides: tuple[str, ...], n: int, seed: int, out: str) -> None:
+    """Mechanism 1: the teacher continues the student's prefixes; accuracy and format vs its own answers.
+
+    \b
+    Examples:
+      opd probe                              # teacher_large on student_sft prefixes (testbed)
+      opd probe teacher=rlvr -n 100 --out experiments/probe_rlvr.json
+    """
+    from opd_cli.cli import compose, fail, prevalidate
+    from opd_cli.io import atomic_write_json
+    from opd_cli.stages.probe import format_probe, run_probe
+
+    try:
+        prevalidate(list(overrides), multirun=False, writes=False)
+        result = run_probe(compose(list(overrides)), n, seed)
+    except OpdError as exc:
+        fail(str(exc))
+    atomic_write_json(out, result)
+    click.echo(format_probe(result))
+    click.echo(f"results: {out}")
+
+
 def all_commands() -> list[click.Command]:
     from opd_cli.bench.cli import bench_group
 
-    return [bench_group, eval_cmd]
+    return [bench_group, eval_cmd, probe_cmd]

@@ -44,7 +44,6 @@ def _job(cfg: DictConfig) -> dict | None:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     write_status(run_dir, "running", job=hc.job.name, overrides=list(hc.overrides.task))
-    quiet_libraries()
     try:
         validate(cfg)
         from opd_cli.pipeline import run_stage
@@ -73,16 +72,6 @@ def _job(cfg: DictConfig) -> dict | None:
     write_status(run_dir, "ok", None, summary=summary)
     _outcomes.append((run_dir, "ok", None))
     return summary
-
-
-def quiet_libraries() -> None:
-    """Per-file progress bars from transformers/datasets drown the run's own progress."""
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
 
 
 def launch(args: list[str], conf_dir: Path, multirun: bool) -> int:
