@@ -6,7 +6,14 @@ import logging
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 KEY_METRICS = ("loss", "rollout_accuracy", "response_length", "student_mass_in_support", "topk_overlap",
                "eval/main/accuracy")

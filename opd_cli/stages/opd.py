@@ -23,13 +23,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from opd_cli import losses
-from opd_cli.losses_chunked import chunked_loss
 from opd_cli.batching import pack, response_hidden_and_logits
 from opd_cli.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from opd_cli.diagnostics import CollapseDetector, loss_signals, rollout_signals
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_json
 from opd_cli.learner import Learner, NonFiniteError, autocast_dtype, load_model, load_tokenizer, pick_device
+from opd_cli.losses_chunked import chunked_loss
 from opd_cli.progress import StepProgress
 from opd_cli.rollout.base import SamplingConfig, derive_seed, make_engine
 from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
