@@ -11,7 +11,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast lint matrix bench-loss bench-step bench-matrix testbed probe clean
+.PHONY: install run test test-fast lint testbed testbed-status probe bench-loss clean
 
 install: $(STAMP)
 
@@ -43,11 +43,21 @@ lint: install
 	$(BIN)/ruff check opd_cli tests
 	$(BIN)/ruff format --check opd_cli tests
 
+# Rebuild the shipped testbed checkpoints (minutes); `make run` uses the shipped ones.
 testbed: install
-	$(BIN)/opd testbed build
+	$(BIN)/opd testbed build --force
 
+testbed-status: install
+	$(BIN)/opd testbed status
+
+# Mechanism 1: the off-the-shelf teacher continues the student's prefixes.
+probe: install
+	$(BIN)/opd probe -n 200 --out experiments/probe_teacher_large.json
+	$(BIN)/opd probe teacher=rlvr -n 200 --out experiments/probe_teacher_rlvr.json
+
+# Chunked vs naive loss at Qwen3's vocabulary (V=151,936, hidden 2048, 4096 tokens): ~12 GB RAM, ~30 min.
 bench-loss: install
-	$(BIN)/opd bench loss
+	$(BIN)/opd bench loss --out experiments/loss_bench_table.md
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

@@ -77,5 +77,6 @@ def probe_cmd(overrides: tuple[str, ...], n: int, seed: int, out: str) -> None:
 
 def all_commands() -> list[click.Command]:
     from opd_cli.bench.cli import bench_group
+    from opd_cli.testbed.cli import testbed_group
 
-    return [bench_group, eval_cmd, probe_cmd]
+    return [bench_group, eval_cmd, probe_cmd, testbed_group]
