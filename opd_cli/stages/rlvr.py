@@ -1,0 +1,162 @@
+"""RLVR: GRPO with the task's verifier as the reward (builds the RLVR-adapted teacher).
+
+    from opd_cli.stages.rlvr import grpo_train
+    engine = make_engine("hf", model_dir, model=model)
+    grpo_train(model, tokenizer, task, rows, engine=engine, steps=100, prompts_per_step=32,
+               samples_per_prompt=8, lr=5e-4, clip_eps=0.2, temperature=1.0, max_new_tokens=64, seed=0)
+
+One step:
+1. rollout: `prompts_per_step` prompts, `samples_per_prompt` samples each, from the rollout engine,
+   which reports each sampled token's log-prob under the behaviour policy (raw distribution, T=1);
+2. reward: 1 if `task.verify` says correct, else 0;
+3. advantage: group-normalized within each prompt's samples, (r - mean) / std, and exactly 0 when the
+   group is uniform (all right or all wrong: no signal about which sample is better);
+4. loss: the PPO clipped surrogate with the ratio against the rollout log-probs,
+   -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), averaged over all response tokens of the batch
+   (token mean). `updates_per_step` > 1 splits the rollouts into that many minibatches (each one
+   optimizer step), so later minibatches are off-policy and the clip matters;
+5. weight sync: the engine receives the new weights.
+
+No KL to a reference model: with a verifiable reward and a few hundred steps it is not needed here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from opd_cli.batching import pack, response_hidden_and_logits
+from opd_cli.learner import Learner
+from opd_cli.rollout.base import RolloutEngine, SamplingConfig, derive_seed
+from opd_cli.stages.sft import _progress, prompt_ids
+from opd_cli.tasks.base import Row, Task
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages for rewards [groups, samples]: (r - group mean) / group std (population std);
+    zero for a group whose rewards are all equal."""
+    rewards = rewards.float()
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True, unbiased=False)
+    adv = (rewards - mean) / (std + eps)
+    return torch.where(std > eps, adv, torch.zeros_like(adv))
+
+
+def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip_eps: float) -> tuple[torch.Tensor, dict]:
+    """Token-mean PPO clipped surrogate. logp/old_logp/mask [B, T], advantages [B] (one per sequence)."""
+    mask = mask.float()
+    n = mask.sum().clamp_min(1.0)
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
+    loss = -(surrogate * mask).sum() / n
+    with torch.no_grad():
+        clipped = ((ratio - 1.0).abs() > clip_eps).float()
+        info = {"clip_frac": float((clipped * mask).sum() / n),
+                "ratio_mean": float((ratio * mask).sum() / n)}
+    return loss, info
+
+
+def grpo_train(
+    model: torch.nn.Module,
+    tokenizer,
+    task: Task,
+    rows: list[Row],
+    *,
+    engine: RolloutEngine,
+    steps: int,
+    prompts_per_step: int,
+    samples_per_prompt: int,
+    lr: float,
+    clip_eps: float = 0.2,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    warmup_ratio: float = 0.0,
+    schedule: str = "constant",
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    updates_per_step: int = 1,
+    system_prompt: bool = True,
+    progress: bool = True,
+    description: str = "grpo",
+    log_fn: Callable[[int, dict], None] | None = None,
+    log_every: int = 10,
+    callback: Callable[[int, dict], bool | None] | None = None,
+    eval_every: int = 0,
+) -> dict:
+    """Train `model` in place by GRPO on `rows`; returns the last step's metrics."""
+    if not rows:
+        raise ValueError("grpo_train: no rows")
+    if samples_per_prompt < 2:
+        raise ValueError("grpo_train: samples_per_prompt must be >= 2 (advantages are normalized within a group)")
+    device = next(model.parameters()).device
+    learner = Learner(model, lr=lr, total_steps=steps * updates_per_step, weight_decay=weight_decay,
+                      grad_clip=grad_clip, warmup_ratio=warmup_ratio, schedule=schedule)
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                              n=samples_per_prompt)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [prompt_ids(tokenizer, task.messages(r, system_prompt=system_prompt)) for r in rows]
+    pad = tokenizer.pad_token_id
+    metrics: dict = {}
+    skipped = 0
+    t0 = time.perf_counter()
+    bar = _progress(progress, description, steps)
+    try:
+        for step in range(1, steps + 1):
+            pick = torch.randint(len(rows), (prompts_per_step,), generator=gen).tolist()
+            engine.sync_weights(model)
+            groups = engine.generate([prompts[i] for i in pick], sampling, derive_seed(seed, step))
+            rewards = torch.tensor([[task.reward(rows[i], tokenizer.decode(s.response_ids, skip_special_tokens=True))
+                                     for s in group] for i, group in zip(pick, groups, strict=True)])
+            adv = group_advantages(rewards).flatten()
+            samples = [s for group in groups for s in group]
+            lengths = [s.num_tokens for s in samples]
+            metrics = {"step": step, "reward": float(rewards.mean()), "mean_length": sum(lengths) / len(lengths),
+                       "truncation_ratio": sum(s.finish_reason == "length" for s in samples) / len(samples),
+                       "informative_groups": float((rewards.std(-1) > 0).float().mean())}
+            keep = [j for j in range(len(samples)) if adv[j] != 0 and samples[j].num_tokens > 0]
+            if not keep:  # every group uniform: no gradient signal this step
+                skipped += 1
+            else:
+                model.train()
+                for chunk in _split(keep, updates_per_step):
+                    batch = pack([samples[j].prompt_ids for j in chunk], [samples[j].response_ids for j in chunk],
+                                 pad).to(device)
+                    old = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+                    for r, j in enumerate(chunk):
+                        old[r, : samples[j].num_tokens] = torch.tensor(samples[j].logprobs)
+                    with learner.autocast():
+                        _, logits = response_hidden_and_logits(model, batch)
+                        logp = torch.log_softmax(logits.float(), -1).gather(
+                            -1, batch.response_ids[..., None]).squeeze(-1)
+                    loss, info = clipped_pg_loss(logp, old.to(device), adv[chunk].to(device), batch.response_mask,
+                                                 clip_eps)
+                    info.update(learner.step(loss))
+                    metrics.update(loss=float(loss.detach()), **info)
+                model.eval()
+            metrics.update(skipped_steps=skipped, seconds=time.perf_counter() - t0)
+            if bar is not None:
+                bar[0].update(bar[1], advance=1, description=f"{description} reward {metrics['reward']:.2f}")
+            if log_fn is not None and (step % log_every == 0 or step == steps):
+                log_fn(step, metrics)
+            if callback is not None and eval_every and (step % eval_every == 0 or step == steps):
+                engine.sync_weights(model)
+                if callback(step, metrics):
+                    break
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    engine.sync_weights(model)
+    model.eval()
+    return metrics
+
+
+def _split(items: list[int], parts: int) -> list[list[int]]:
+    parts = max(1, min(parts, len(items)))
+    size = -(-len(items) // parts)
+    return [items[i : i + size] for i in range(0, len(items), size)]

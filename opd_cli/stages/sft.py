@@ -1,0 +1,160 @@
+"""Supervised fine-tuning: cross-entropy on response tokens only.
+
+    from opd_cli.stages.sft import sft_train
+    sft_train(model, tokenizer, [(task.messages(row), row["solution"]) for row in rows],
+              steps=600, batch_size=64, lr=3e-3, warmup_ratio=0.05, schedule="constant", seed=0, device="cpu")
+
+An example is (chat messages without the assistant turn, response text). The prompt is the chat template
+with the generation prompt (`<|assistant|>` for the testbed tokenizer, so an empty message list gives a
+one-token prompt: that is how the testbed pretrains its base model on generic strings); the response is
+the text followed by EOS. Only response tokens carry loss (token mean over the batch).
+
+Batches are drawn without replacement from a seeded permutation of the examples (a new permutation each
+epoch), so the same seed gives the same run. `callback(step, metrics)` runs every `eval_every` steps and
+may return True to stop early (the testbed uses it to stop a deliberately under-trained model inside
+its target accuracy band).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from opd_cli.batching import pack, response_hidden_and_logits
+from opd_cli.learner import Learner
+
+Example = tuple[list[dict], str]
+
+
+def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the chat prompt with the generation prompt appended. An empty message list (generic
+    pretraining text) gives the generation prompt alone, e.g. the single token `<|assistant|>`."""
+    if messages:
+        return _template_ids(tokenizer, messages, True)
+    # transformers refuses an empty conversation: take the generation prompt as the suffix it adds
+    probe = [{"role": "user", "content": "x"}]
+    with_gen, without = _template_ids(tokenizer, probe, True), _template_ids(tokenizer, probe, False)
+    if len(with_gen) > len(without) and with_gen[: len(without)] == without:
+        return with_gen[len(without) :]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [start]
+
+
+def tokenize_examples(tokenizer, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + EOS) per example; prompts are cached per distinct message list."""
+    cache: dict[str, list[int]] = {}
+    out = []
+    for messages, response in examples:
+        key = repr(messages)
+        if key not in cache:
+            cache[key] = prompt_ids(tokenizer, messages)
+        ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append((cache[key], ids))
+    return out
+
+
+def response_nll(model, batch) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the response tokens of a packed batch, and the token count."""
+    _, logits = response_hidden_and_logits(model, batch)
+    mask = batch.response_mask
+    n = int(mask.sum())
+    loss = F.cross_entropy(logits[mask].float(), batch.response_ids[mask], reduction="sum") / max(n, 1)
+    return loss, n
+
+
+class _Batches:
+    """Seeded sampling without replacement; a fresh permutation every epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, min(batch_size, n)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        if len(self.order) < self.batch_size:
+            self.order += torch.randperm(self.n, generator=self.gen).tolist()
+        idx, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return idx
+
+
+def sft_train(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: list[Example],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup_ratio: float = 0.0,
+    schedule: str = "constant",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    progress: bool = True,
+    description: str = "sft",
+    log_fn: Callable[[int, dict], None] | None = None,
+    log_every: int = 50,
+    callback: Callable[[int, dict], bool | None] | None = None,
+    eval_every: int = 0,
+) -> dict:
+    """Train `model` in place on `examples`; returns the final metrics (loss is an EMA of the batch loss)."""
+    if not examples:
+        raise ValueError("sft_train: no examples")
+    if steps < 1:
+        raise ValueError(f"sft_train: steps must be >= 1, got {steps}")
+    device = torch.device(device)
+    model.to(device).train()
+    data = tokenize_examples(tokenizer, examples)
+    batches = _Batches(len(data), batch_size, seed)
+    learner = Learner(model, lr=lr, total_steps=steps, weight_decay=weight_decay, grad_clip=grad_clip,
+                      warmup_ratio=warmup_ratio, schedule=schedule)
+    pad = tokenizer.pad_token_id
+    ema, tokens, t0 = None, 0, time.perf_counter()
+    metrics: dict = {}
+    bar = _progress(progress, description, steps)
+    try:
+        for step in range(1, steps + 1):
+            idx = batches.next()
+            batch = pack([data[i][0] for i in idx], [data[i][1] for i in idx], pad).to(device)
+            with learner.autocast():
+                loss, n = response_nll(model, batch)
+            info = learner.step(loss)
+            value = float(loss.detach())
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
+            tokens += n
+            metrics = {"step": step, "loss": ema, "batch_loss": value, "tokens": tokens,
+                       "seconds": time.perf_counter() - t0, **info}
+            if bar is not None:
+                bar[0].update(bar[1], advance=1, description=f"{description} loss {ema:.3f}")
+            if log_fn is not None and (step % log_every == 0 or step == steps):
+                log_fn(step, metrics)
+            if callback is not None and eval_every and (step % eval_every == 0 or step == steps):
+                if callback(step, metrics):
+                    break
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    model.eval()
+    return metrics
+
+
+def _progress(enabled: bool, description: str, total: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True)
+    prog.start()
+    return prog, prog.add_task(description, total=total)

@@ -1,0 +1,258 @@
+"""The shipped testbed (manifest, weights, loading), `testbed:` path resolution, and the SFT / GRPO stages
+that build it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd_cli.errors import OpdError
+from opd_cli.stages.rlvr import clipped_pg_loss, group_advantages, grpo_train
+from opd_cli.stages.sft import prompt_ids, sft_train
+from opd_cli.tasks import make_task
+from opd_cli.testbed import paths
+from opd_cli.testbed.build import RECIPE, config_hash, file_sha256, make_rows
+from opd_cli.testbed.tokenizer import build_char_tokenizer
+
+ASSETS = paths.ASSETS_DIR
+FIGURES = ("accuracy", "well_formed", "answer_rate", "truncation_ratio", "hedging_rate", "concise_with_system",
+           "concise_without_system", "topk_overlap")
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict:
+    path = ASSETS / paths.MANIFEST
+    if not path.is_file():
+        pytest.fail(f"no shipped testbed at {ASSETS}; build it with `opd testbed build`")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def _tiny_model(tok, seed: int = 0):
+    from transformers import Qwen2ForCausalLM
+
+    from opd_cli.testbed.models import tiny_qwen2_config
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(tiny_qwen2_config(len(tok), hidden_size=32, num_layers=1))
+
+
+# ---- the shipped testbed ------------------------------------------------------------------------------
+def test_manifest_schema(manifest):
+    for key, kind in [("format", int), ("seed", int), ("config_hash", str), ("recipe", dict), ("versions", dict),
+                      ("tokenizer", dict), ("data", dict), ("models", dict), ("timing", dict)]:
+        assert isinstance(manifest.get(key), kind), key
+    assert set(manifest["versions"]) >= {"torch", "transformers", "opd"}
+    assert re.fullmatch(r"[0-9a-f]{64}", manifest["config_hash"])
+    assert manifest["config_hash"] == config_hash(manifest["recipe"])
+    assert set(manifest["models"]) == set(paths.MODEL_NAMES)
+    for name, entry in manifest["models"].items():
+        assert entry["path"] == name
+        assert re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]), name
+        assert isinstance(entry["architecture"]["params"], int) and entry["architecture"]["head_dim"] >= 32
+        figures = entry["eval"]
+        for key in FIGURES:
+            assert isinstance(figures[key], (int, float)) and 0.0 <= figures[key] <= 1.0, (name, key)
+        assert figures["mean_length"] >= 1
+    for task_name in ("arith", "arith_concise"):
+        for split in ("train", "eval"):
+            entry = manifest["data"][task_name][split]
+            assert file_sha256(ASSETS / entry["path"]) == entry["sha256"]
+
+
+def test_manifest_is_current_recipe(manifest):
+    """The shipped build is the one `opd testbed build` would produce (else rebuild and commit it)."""
+    assert manifest["config_hash"] == config_hash(RECIPE), "RECIPE changed: run `opd testbed build` and commit"
+
+
+def test_manifest_targets(manifest):
+    """The figures the experiments rely on (see experiments/testbed.md)."""
+    m = {name: e["eval"] for name, e in manifest["models"].items()}
+    assert m["student_base"]["answer_rate"] < 0.05  # malformed
+    assert 0.6 <= m["student_sft"]["accuracy"] <= 0.8  # well formed, room to improve
+    assert m["teacher_large"]["accuracy"] >= 0.95 and m["teacher_rlvr"]["accuracy"] >= 0.95
+    assert m["teacher_large"]["topk_overlap"] < m["teacher_rlvr"]["topk_overlap"] - 0.1
+    assert m["teacher_large"]["revision_mass_after_step"] > 0.2  # it pushes student prefixes to revise
+    opsd = m["opsd_base"]
+    assert opsd["concise_with_system"] > 0.9 and opsd["concise_without_system"] < 0.1
+    assert opsd["with_pi"]["hint"]["direct_answer_rate"] > 0.2
+
+
+def test_shipped_weights_match_manifest(manifest):
+    for name, entry in manifest["models"].items():
+        assert file_sha256(ASSETS / name / "model.safetensors") == entry["sha256"], name
+
+
+def test_shipped_models_load_and_generate(manifest):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    task = make_task("arith", digits=3)
+    row = task.make_row(347, 285)
+    for name in paths.MODEL_NAMES:
+        model = AutoModelForCausalLM.from_pretrained(str(ASSETS / name))
+        tok = AutoTokenizer.from_pretrained(str(ASSETS / name))
+        ids = torch.tensor([prompt_ids(tok, task.messages(row))])
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        assert out.shape[1] > ids.shape[1], name
+        if name in ("teacher_large", "teacher_rlvr"):
+            text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            assert task.verify(row, text).correct, (name, text)
+
+
+def test_student_sft_accuracy_reproduces(manifest):
+    from opd_cli.evaluation import greedy_accuracy
+    from opd_cli.testbed.build import load
+
+    rows = make_rows(manifest["recipe"], manifest["seed"])["arith"]["eval"]
+    task = make_task("arith", digits=manifest["recipe"]["task"]["digits"])
+    got = greedy_accuracy(load(ASSETS / "student_sft"), build_char_tokenizer(), task, rows,
+                          max_new_tokens=manifest["recipe"]["eval"]["max_new_tokens"])
+    assert got["accuracy"] == pytest.approx(manifest["models"]["student_sft"]["eval"]["accuracy"], abs=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_shipped_model_loads_in_vllm(manifest):
+    pytest.importorskip("vllm")
+    from opd_cli.rollout import make_engine
+    from opd_cli.rollout.base import SamplingConfig
+
+    path = str(ASSETS / "teacher_rlvr")
+    tok = build_char_tokenizer()
+    task = make_task("arith", digits=3)
+    rows = [task.make_row(347, 285), task.make_row(999, 999)]
+    prompts = [prompt_ids(tok, task.messages(r)) for r in rows]
+    engine = make_engine("vllm", path, max_num_seqs=4)
+    try:
+        groups = engine.generate(prompts, SamplingConfig(greedy=True, max_new_tokens=48), seed=0)
+    finally:
+        engine.close()
+    for row, group in zip(rows, groups, strict=True):
+        assert task.verify(row, tok.decode(group[0].response_ids, skip_special_tokens=True)).correct
+
+
+# ---- testbed: path resolution -------------------------------------------------------------------------
+def _fake_testbed(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / paths.MANIFEST).write_text(json.dumps({"seed": 0, "config_hash": "x" * 64}))
+    for name in paths.MODEL_NAMES:
+        (root / name).mkdir()
+        (root / name / "config.json").write_text("{}")
+    return root
+
+
+def test_resolve_model_path(tmp_path, monkeypatch):
+    root = _fake_testbed(tmp_path / "tb")
+    assert paths.resolve_model_path("Qwen/Qwen3-1.7B") == "Qwen/Qwen3-1.7B"
+    assert paths.resolve_model_path("/some/dir", str(root)) == "/some/dir"
+    assert paths.resolve_model_path("testbed:student_sft", str(root)) == str(root / "student_sft")
+    monkeypatch.setenv("OPD_TESTBED_DIR", str(root))
+    assert paths.resolve_model_path("testbed:teacher_rlvr") == str(root / "teacher_rlvr")
+    monkeypatch.delenv("OPD_TESTBED_DIR")
+    assert paths.testbed_dir() == paths.ASSETS_DIR
+    assert paths.testbed_status(root).startswith("ok")
+
+
+def test_resolve_unknown_name_lists_allowed(tmp_path):
+    with pytest.raises(OpdError) as err:
+        paths.resolve_model_path("testbed:teacher_huge", str(_fake_testbed(tmp_path / "tb")))
+    for name in paths.MODEL_NAMES:
+        assert f"testbed:{name}" in str(err.value)
+
+
+def test_resolve_builds_missing_testbed(tmp_path, monkeypatch):
+    calls = []
+    import opd_cli.testbed.build as build
+
+    monkeypatch.setattr(build, "build_testbed", lambda root: calls.append(root) or _fake_testbed(Path(root)))
+    root = tmp_path / "empty"
+    assert paths.testbed_status(root).startswith("not built")
+    assert paths.resolve_model_path("testbed:opsd_base", str(root)) == str(root / "opsd_base")
+    assert calls == [root]
+
+
+# ---- stages -------------------------------------------------------------------------------------------
+def test_prompt_ids_of_empty_conversation_is_the_generation_prompt(tok):
+    assert prompt_ids(tok, []) == [tok.convert_tokens_to_ids("<|assistant|>")]
+
+
+def test_sft_train_reduces_loss(tok):
+    from opd_cli.batching import pack
+    from opd_cli.stages.sft import response_nll, tokenize_examples
+
+    torch.set_num_threads(1)
+    examples = [([{"role": "user", "content": f"Q:{i}"}], f"{i}+{i}={2 * i}") for i in range(8)]
+    examples += [([], "abc;abc;")]  # a bare response (pretraining strings)
+    model = _tiny_model(tok)
+    data = tokenize_examples(tok, examples)
+    batch = pack([d[0] for d in data], [d[1] for d in data], tok.pad_token_id)
+    with torch.no_grad():
+        before = float(response_nll(model, batch)[0])
+    metrics = sft_train(model, tok, examples, steps=40, batch_size=4, lr=3e-3, seed=0, progress=False)
+    with torch.no_grad():
+        after = float(response_nll(model, batch)[0])
+    assert metrics["step"] == 40 and after < 0.5 * before
+
+
+def test_sft_train_is_deterministic(tok):
+    torch.set_num_threads(1)
+    examples = [([{"role": "user", "content": f"Q:{i}"}], f"A:{i}") for i in range(6)]
+    runs = []
+    for _ in range(2):
+        model = _tiny_model(tok, seed=3)
+        sft_train(model, tok, examples, steps=5, batch_size=3, lr=1e-3, seed=7, progress=False)
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_group_advantages():
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    adv = group_advantages(rewards)
+    assert torch.equal(adv[0], torch.zeros(4)) and torch.equal(adv[1], torch.zeros(4))
+    expected = (torch.tensor([1.0, 0.0, 0.0, 0.0]) - 0.25) / torch.tensor(0.1875).sqrt()
+    torch.testing.assert_close(adv[2], expected, atol=1e-5, rtol=0)
+    assert abs(float(adv[2].sum())) < 1e-5
+
+
+def test_clipped_pg_loss():
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.0]]).clamp_min(1e-9)).requires_grad_(True)
+    old = torch.log(torch.tensor([[0.5, 0.25, 0.5]]))
+    mask = torch.tensor([[True, True, False]])
+    loss, info = clipped_pg_loss(logp, old, torch.tensor([1.0]), mask, clip_eps=0.2)
+    # token 0: ratio 1 -> 1; token 1: ratio 2, clipped to 1.2 (positive advantage); token 2 is padding
+    assert float(loss) == pytest.approx(-(1.0 + 1.2) / 2)
+    assert info["clip_frac"] == pytest.approx(0.5)
+    loss.backward()
+    assert logp.grad[0, 1] == 0 and logp.grad[0, 2] == 0 and logp.grad[0, 0] < 0
+
+
+def test_grpo_train_one_step(tok):
+    """Two GRPO steps on the shipped student: rollouts, rewards, informative groups, an update."""
+    from opd_cli.rollout.hf_engine import HFEngine
+    from opd_cli.testbed.build import load
+
+    torch.set_num_threads(1)
+    if not (ASSETS / "student_sft" / "model.safetensors").is_file():
+        pytest.fail("no shipped student_sft")
+    model = load(ASSETS / "student_sft")
+    before = [p.detach().clone() for p in model.parameters()]
+    task = make_task("arith", digits=3)
+    rows = task.generate(16, seed=5)
+    engine = HFEngine(None, model=model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    logged = []
+    metrics = grpo_train(model, tok, task, rows, engine=engine, steps=2, prompts_per_step=8, samples_per_prompt=4,
+                         lr=1e-4, max_new_tokens=40, seed=0, progress=False, log_fn=lambda s, m: logged.append(m),
+                         log_every=1)
+    assert [m["step"] for m in logged] == [1, 2]
+    assert 0.0 < metrics["reward"] < 1.0 and metrics["informative_groups"] > 0
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # on-policy: the ratio starts at 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
