@@ -81,13 +81,27 @@ def test_opd_run_writes_a_complete_run_dir(models, tmp_path, extra):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_opd_run_with_vllm_rollouts(models, tmp_path):
+def test_opd_run_with_vllm_rollouts_and_offline_wandb(models, tmp_path):
     run_dir = tmp_path / "run"
-    res = opd("run", *base_args(models, "trainer.steps=2", "rollout=vllm", "eval.every=0",
-                                f"hydra.run.dir={run_dir}"), cwd=tmp_path)
+    args = [a for a in base_args(models, "trainer.steps=2", "rollout=vllm", "eval.every=0") if a != "logger=none"]
+    res = opd("run", *args, "logger=wandb", "logger.mode=offline", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     train_rows = [r for r in metrics(run_dir) if "loss" in r]
     assert len(train_rows) == 2 and train_rows[-1]["time/sync"] > 0
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
+
+
+@pytest.mark.slow
+def test_opd_eval_prints_a_table_and_writes_json(models, tmp_path):
+    out = tmp_path / "eval.json"
+    res = opd("eval", f"checkpoint={models['student']}", "eval.size=4", "eval.max_new_tokens=16", "--engine", "hf",
+              "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "accuracy" in res.stdout and "truncation_ratio" in res.stdout
+    result = json.loads(out.read_text())
+    assert result["main"]["n"] == 4 and 0.0 <= result["main"]["accuracy"] <= 1.0
+    res = opd("eval", f"checkpoint={tmp_path}", "--engine", "hf", cwd=tmp_path)
+    assert res.returncode == 2 and "is not a model directory" in res.stderr
 
 
 def _strip_times(rows: list[dict]) -> list[dict]:
