@@ -57,12 +57,18 @@ def run_probe(cfg, n: int, seed: int) -> dict:
         return task.verify(row, text), text
 
     counts = {"right_to_wrong": 0, "wrong_to_right": 0}
+    # A prefix cut from a wrong student response may already hold the error: report the teacher on
+    # prefixes of correct student responses separately (there only a disagreement can make it fail).
+    on_track = on_track_correct = 0
     own_correct = own_format = pre_correct = pre_format = 0
     hedges_own = hedges_prefix = 0
     examples = []
-    for row, o, p, c in zip(rows, own, prefixes, continued, strict=True):
+    for row, o, p, c, s in zip(rows, own, prefixes, continued, student_samples, strict=True):
         v_own, t_own = grade(row, o.response_ids)
         v_pre, t_pre = grade(row, p + c.response_ids)
+        if grade(row, s.response_ids)[0].correct:
+            on_track += 1
+            on_track_correct += v_pre.correct
         cont_text = t_tok.decode(c.response_ids, skip_special_tokens=True)
         own_correct += v_own.correct
         own_format += v_own.well_formed
@@ -85,6 +91,8 @@ def run_probe(cfg, n: int, seed: int) -> dict:
         "teacher_own_accuracy": own_correct / k, "teacher_own_format": own_format / k,
         "from_student_prefix_accuracy": pre_correct / k, "from_student_prefix_format": pre_format / k,
         "teacher_own_hedging_rate": hedges_own / k, "continuation_hedging_rate": hedges_prefix / k,
+        "correct_student_prefixes": on_track,
+        "from_correct_student_prefix_accuracy": on_track_correct / on_track if on_track else float("nan"),
         **counts, "examples": examples,
     }
 
@@ -99,5 +107,7 @@ def format_probe(result: dict) -> str:
         f"| {result['teacher_own_hedging_rate']:.3f} |",
         f"| teacher from student prefixes | {result['from_student_prefix_accuracy']:.3f} | "
         f"{result['from_student_prefix_format']:.3f} | {result['continuation_hedging_rate']:.3f} |",
+        f"teacher from prefixes of the {result['correct_student_prefixes']} correct student responses: accuracy "
+        f"{result['from_correct_student_prefix_accuracy']:.3f}",
         f"right->wrong: {result['right_to_wrong']}/{k}   wrong->right: {result['wrong_to_right']}/{k}",
     ])
