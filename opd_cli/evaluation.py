@@ -19,20 +19,32 @@ from opd_cli.rollout.base import RolloutEngine, SamplingConfig
 from opd_cli.tasks.base import Row, Task
 
 
-def greedy_responses(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-                     engine: RolloutEngine | None = None) -> list:
+def greedy_responses(
+    model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, engine: RolloutEngine | None = None
+) -> list:
     """One greedy Sample per prompt."""
     if engine is None:
         from opd_cli.rollout.hf_engine import HFEngine
 
-        engine = HFEngine(None, model=model, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
-    return [g[0] for g in engine.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True), 0)]
+        engine = HFEngine(
+            None, model=model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+    return [
+        g[0] for g in engine.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True), 0)
+    ]
 
 
-def greedy_accuracy(model, tokenizer, task: Task, rows: list[Row], *, max_new_tokens: int,
-                    engine: RolloutEngine | None = None, system_prompt: bool = True,
-                    messages_fn=None) -> dict:
+def greedy_accuracy(
+    model,
+    tokenizer,
+    task: Task,
+    rows: list[Row],
+    *,
+    max_new_tokens: int,
+    engine: RolloutEngine | None = None,
+    system_prompt: bool = True,
+    messages_fn=None,
+) -> dict:
     """Greedy exact-match accuracy and format statistics. `messages_fn(row)` overrides the prompt
     (e.g. a teacher prompt carrying privileged information); default `task.messages(row, system_prompt)`."""
     from opd_cli.stages.sft import prompt_ids

@@ -44,8 +44,9 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.where(std > eps, adv, torch.zeros_like(adv))
 
 
-def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip_eps: float) -> tuple[torch.Tensor, dict]:
+def clipped_pg_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, dict]:
     """Token-mean PPO clipped surrogate. logp/old_logp/mask [B, T], advantages [B] (one per sequence)."""
     mask = mask.float()
     n = mask.sum().clamp_min(1.0)
@@ -55,8 +56,7 @@ def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     loss = -(surrogate * mask).sum() / n
     with torch.no_grad():
         clipped = ((ratio - 1.0).abs() > clip_eps).float()
-        info = {"clip_frac": float((clipped * mask).sum() / n),
-                "ratio_mean": float((ratio * mask).sum() / n)}
+        info = {"clip_frac": float((clipped * mask).sum() / n), "ratio_mean": float((ratio * mask).sum() / n)}
     return loss, info
 
 
@@ -93,12 +93,22 @@ def grpo_train(
     if not rows:
         raise ValueError("grpo_train: no rows")
     if samples_per_prompt < 2:
-        raise ValueError("grpo_train: samples_per_prompt must be >= 2 (advantages are normalized within a group)")
+        raise ValueError(
+            "grpo_train: samples_per_prompt must be >= 2 (advantages are normalized within a group)"
+        )
     device = next(model.parameters()).device
-    learner = Learner(model, lr=lr, total_steps=steps * updates_per_step, weight_decay=weight_decay,
-                      grad_clip=grad_clip, warmup_ratio=warmup_ratio, schedule=schedule)
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                              n=samples_per_prompt)
+    learner = Learner(
+        model,
+        lr=lr,
+        total_steps=steps * updates_per_step,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        warmup_ratio=warmup_ratio,
+        schedule=schedule,
+    )
+    sampling = SamplingConfig(
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=samples_per_prompt
+    )
     gen = torch.Generator().manual_seed(seed)
     prompts = [prompt_ids(tokenizer, task.messages(r, system_prompt=system_prompt)) for r in rows]
     pad = tokenizer.pad_token_id
@@ -111,31 +121,47 @@ def grpo_train(
             pick = torch.randint(len(rows), (prompts_per_step,), generator=gen).tolist()
             engine.sync_weights(model)
             groups = engine.generate([prompts[i] for i in pick], sampling, derive_seed(seed, step))
-            rewards = torch.tensor([[task.reward(rows[i], tokenizer.decode(s.response_ids, skip_special_tokens=True))
-                                     for s in group] for i, group in zip(pick, groups, strict=True)])
+            rewards = torch.tensor(
+                [
+                    [
+                        task.reward(rows[i], tokenizer.decode(s.response_ids, skip_special_tokens=True))
+                        for s in group
+                    ]
+                    for i, group in zip(pick, groups, strict=True)
+                ]
+            )
             adv = group_advantages(rewards).flatten()
             samples = [s for group in groups for s in group]
             lengths = [s.num_tokens for s in samples]
-            metrics = {"step": step, "reward": float(rewards.mean()), "mean_length": sum(lengths) / len(lengths),
-                       "truncation_ratio": sum(s.finish_reason == "length" for s in samples) / len(samples),
-                       "informative_groups": float((rewards.std(-1) > 0).float().mean())}
+            metrics = {
+                "step": step,
+                "reward": float(rewards.mean()),
+                "mean_length": sum(lengths) / len(lengths),
+                "truncation_ratio": sum(s.finish_reason == "length" for s in samples) / len(samples),
+                "informative_groups": float((rewards.std(-1) > 0).float().mean()),
+            }
             keep = [j for j in range(len(samples)) if adv[j] != 0 and samples[j].num_tokens > 0]
             if not keep:  # every group uniform: no gradient signal this step
                 skipped += 1
             else:
                 model.train()
                 for chunk in _split(keep, updates_per_step):
-                    batch = pack([samples[j].prompt_ids for j in chunk], [samples[j].response_ids for j in chunk],
-                                 pad).to(device)
+                    batch = pack(
+                        [samples[j].prompt_ids for j in chunk], [samples[j].response_ids for j in chunk], pad
+                    ).to(device)
                     old = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
                     for r, j in enumerate(chunk):
                         old[r, : samples[j].num_tokens] = torch.tensor(samples[j].logprobs)
                     with learner.autocast():
                         _, logits = response_hidden_and_logits(model, batch)
-                        logp = torch.log_softmax(logits.float(), -1).gather(
-                            -1, batch.response_ids[..., None]).squeeze(-1)
-                    loss, info = clipped_pg_loss(logp, old.to(device), adv[chunk].to(device), batch.response_mask,
-                                                 clip_eps)
+                        logp = (
+                            torch.log_softmax(logits.float(), -1)
+                            .gather(-1, batch.response_ids[..., None])
+                            .squeeze(-1)
+                        )
+                    loss, info = clipped_pg_loss(
+                        logp, old.to(device), adv[chunk].to(device), batch.response_mask, clip_eps
+                    )
                     info.update(learner.step(loss))
                     metrics.update(loss=float(loss.detach()), **info)
                 model.eval()

@@ -117,8 +117,15 @@ def sft_train(
     model.to(device).train()
     data = tokenize_examples(tokenizer, examples)
     batches = _Batches(len(data), batch_size, seed)
-    learner = Learner(model, lr=lr, total_steps=steps, weight_decay=weight_decay, grad_clip=grad_clip,
-                      warmup_ratio=warmup_ratio, schedule=schedule)
+    learner = Learner(
+        model,
+        lr=lr,
+        total_steps=steps,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        warmup_ratio=warmup_ratio,
+        schedule=schedule,
+    )
     pad = tokenizer.pad_token_id
     ema, tokens, t0 = None, 0, time.perf_counter()
     metrics: dict = {}
@@ -133,8 +140,14 @@ def sft_train(
             value = float(loss.detach())
             ema = value if ema is None else 0.95 * ema + 0.05 * value
             tokens += n
-            metrics = {"step": step, "loss": ema, "batch_loss": value, "tokens": tokens,
-                       "seconds": time.perf_counter() - t0, **info}
+            metrics = {
+                "step": step,
+                "loss": ema,
+                "batch_loss": value,
+                "tokens": tokens,
+                "seconds": time.perf_counter() - t0,
+                **info,
+            }
             if bar is not None:
                 bar[0].update(bar[1], advance=1, description=f"{description} loss {ema:.3f}")
             if log_fn is not None and (step % log_every == 0 or step == steps):
@@ -154,7 +167,12 @@ def _progress(enabled: bool, description: str, total: int):
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True)
+    prog = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+    )
     prog.start()
     return prog, prog.add_task(description, total=total)

@@ -71,24 +71,77 @@ RECIPE: dict = {
     "teacher": {"hidden_size": 96, "num_layers": 3, "head_dim": 32, "intermediate_size": 192},
     # half the strings are a bare response, half answer a user turn holding another generic string, so the
     # base model knows the chat format (it answers a task prompt with text) but not the task
-    "student_base": {"strings": 8192, "max_len": 24, "with_user_turn": 0.5, "steps": 150, "batch_size": 64,
-                     "lr": 2e-3, "warmup_ratio": 0.05},
-    "student_sft": {"init": "scratch", "steps": 800, "batch_size": 64, "lr": 2e-3, "warmup_ratio": 0.02,
-                    "schedule": "constant", "eval_every": 10, "eval_below_loss": 0.35, "stop_at": 0.70},
-    "teacher_large": {"revise_prob": 0.3, "steps": 1400, "batch_size": 32, "lr": 2e-3, "warmup_ratio": 0.05,
-                      "schedule": "cosine", "eval_every": 50, "eval_below_loss": 0.15, "stop_at": 0.97},
-    "teacher_rlvr": {"steps": 200, "prompts_per_step": 16, "samples_per_prompt": 8, "lr": 1e-4,
-                     "clip_eps": 0.2, "temperature": 1.0, "max_new_tokens": 48, "eval_every": 5,
-                     "stop_at": 0.97},
+    "student_base": {
+        "strings": 8192,
+        "max_len": 24,
+        "with_user_turn": 0.5,
+        "steps": 150,
+        "batch_size": 64,
+        "lr": 2e-3,
+        "warmup_ratio": 0.05,
+    },
+    "student_sft": {
+        "init": "scratch",
+        "steps": 800,
+        "batch_size": 64,
+        "lr": 2e-3,
+        "warmup_ratio": 0.02,
+        "schedule": "constant",
+        "eval_every": 10,
+        "eval_below_loss": 0.35,
+        "stop_at": 0.70,
+    },
+    "teacher_large": {
+        "revise_prob": 0.3,
+        "steps": 1400,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "warmup_ratio": 0.05,
+        "schedule": "cosine",
+        "eval_every": 50,
+        "eval_below_loss": 0.15,
+        "stop_at": 0.97,
+    },
+    "teacher_rlvr": {
+        "steps": 200,
+        "prompts_per_step": 16,
+        "samples_per_prompt": 8,
+        "lr": 1e-4,
+        "clip_eps": 0.2,
+        "temperature": 1.0,
+        "max_new_tokens": 48,
+        "eval_every": 5,
+        "stop_at": 0.97,
+    },
     # stops when the plain prompt reaches stop_at AND the concise scratchpad under S:concise reaches
-    # stop_at_system: the shared-rule teacher must be about as accurate as the student it teaches. The
-    # concise scratchpad (column sums without operands) is learned much later than the full one, hence
-    # its large share of the mix.
-    "opsd_base": {"mix": {"plain": 0.25, "hint": 0.15, "solution": 0.05, "system": 0.55}, "hint_direct": 0.5,
-                  "steps": 2400, "batch_size": 32, "lr": 2e-3, "warmup_ratio": 0.02, "schedule": "constant",
-                  "eval_every": 20, "eval_below_loss": 0.2, "stop_at": 0.65, "stop_at_system": 0.65},
-    "eval": {"max_new_tokens": 96, "dev_max_new_tokens": 64, "topk": 5, "overlap_prompts": 128,
-             "overlap_max_new_tokens": 64, "prefix_prompts": 200},
+    # stop_at_system: the shared-rule teacher must be about as accurate as the student it teaches, or
+    # OPSD with the rule trades accuracy for length. The concise scratchpad (column sums without
+    # operands) is learned much later than the full one (hence its large share of the mix), so by then
+    # the full scratchpad is near saturation: opsd_base is strong (~95%) without PI. A `system_switch` fraction of the S:concise traces start with full
+    # steps and switch to concise ones (see build_opsd_base).
+    "opsd_base": {
+        "mix": {"plain": 0.25, "hint": 0.15, "solution": 0.05, "system": 0.55},
+        "hint_direct": 0.5,
+        "system_switch": 0.3,
+        "switch_later": 0.35,
+        "steps": 2400,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "warmup_ratio": 0.02,
+        "schedule": "constant",
+        "eval_every": 20,
+        "eval_below_loss": 0.2,
+        "stop_at": 0.65,
+        "stop_at_system": 0.9,
+    },
+    "eval": {
+        "max_new_tokens": 96,
+        "dev_max_new_tokens": 64,
+        "topk": 5,
+        "overlap_prompts": 128,
+        "overlap_max_new_tokens": 64,
+        "prefix_prompts": 200,
+    },
 }
 # what each step loads from other steps (the build runs a step once these are built)
 PARENTS = {"teacher_rlvr": ("student_sft",)}
@@ -163,7 +216,11 @@ def make_rows(recipe: dict, seed: int) -> dict[str, dict[str, list[dict]]]:
         ev = task.generate(sizes["eval"], stage_seed(seed, "data/eval"))
         dev = task.generate(sizes["dev"], stage_seed(seed, "data/dev"))
         held = {r["problem"] for r in ev + dev}
-        train = [r for r in task.generate(sizes["train"], stage_seed(seed, "data/train")) if r["problem"] not in held]
+        train = [
+            r
+            for r in task.generate(sizes["train"], stage_seed(seed, "data/train"))
+            if r["problem"] not in held
+        ]
         out["arith_concise" if task.rule else "arith"] = {"train": train, "dev": dev, "eval": ev}
     return out
 
@@ -218,12 +275,19 @@ class _Reporter:
 def _dev_accuracy(model, tokenizer, task, rows, recipe, messages_fn=None) -> float:
     from opd_cli.evaluation import greedy_accuracy
 
-    return greedy_accuracy(model, tokenizer, task, rows, max_new_tokens=recipe["eval"]["dev_max_new_tokens"],
-                           messages_fn=messages_fn)["accuracy"]
+    return greedy_accuracy(
+        model,
+        tokenizer,
+        task,
+        rows,
+        max_new_tokens=recipe["eval"]["dev_max_new_tokens"],
+        messages_fn=messages_fn,
+    )["accuracy"]
 
 
-def _sft_until(model, tokenizer, examples, task, dev, cfg, recipe, seed, report, messages_fn=None,
-               extra_check=None) -> dict:
+def _sft_until(
+    model, tokenizer, examples, task, dev, cfg, recipe, seed, report, messages_fn=None, extra_check=None
+) -> dict:
     """sft_train, stopped at the first dev evaluation >= cfg['stop_at'] (and `extra_check()` true, when
     given). Dev evaluations start once the loss is below cfg['eval_below_loss'] (before that the greedy
     accuracy is 0 and evaluating is wasted time)."""
@@ -238,15 +302,33 @@ def _sft_until(model, tokenizer, examples, task, dev, cfg, recipe, seed, report,
         acc = _dev_accuracy(model, tokenizer, task, dev, recipe, messages_fn)
         extra = extra_check() if extra_check is not None and acc >= cfg["stop_at"] else None
         history.append((step, acc) if extra is None else (step, acc, extra[1]))
-        report(step, cfg["steps"], f"loss {metrics['loss']:.3f} dev acc {acc:.2f}"
-               + ("" if extra is None else f" {extra[1]:.2f}"))
+        report(
+            step,
+            cfg["steps"],
+            f"loss {metrics['loss']:.3f} dev acc {acc:.2f}" + ("" if extra is None else f" {extra[1]:.2f}"),
+        )
         return acc >= cfg["stop_at"] and (extra is None or extra[0])
 
-    metrics = sft_train(model, tokenizer, examples, steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                        warmup_ratio=cfg["warmup_ratio"], schedule=cfg["schedule"], seed=seed, progress=False,
-                        callback=callback, eval_every=cfg["eval_every"])
-    return {"steps": metrics["step"], "loss": metrics["loss"], "dev_accuracy": history[-1][1] if history else None,
-            "dev_history": history}
+    metrics = sft_train(
+        model,
+        tokenizer,
+        examples,
+        steps=cfg["steps"],
+        batch_size=cfg["batch_size"],
+        lr=cfg["lr"],
+        warmup_ratio=cfg["warmup_ratio"],
+        schedule=cfg["schedule"],
+        seed=seed,
+        progress=False,
+        callback=callback,
+        eval_every=cfg["eval_every"],
+    )
+    return {
+        "steps": metrics["step"],
+        "loss": metrics["loss"],
+        "dev_accuracy": history[-1][1] if history else None,
+        "dev_history": history,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -264,10 +346,20 @@ def build_student_base(ctx: dict) -> dict:
         messages = [{"role": "user", "content": user}] if rng.random() < cfg["with_user_turn"] else []
         examples.append((messages, strings[i]))
     report = ctx["report"]
-    metrics = sft_train(model, tok, examples, steps=cfg["steps"], batch_size=cfg["batch_size"],
-                        lr=cfg["lr"], warmup_ratio=cfg["warmup_ratio"], schedule="cosine",
-                        seed=stage_seed(ctx["seed"], "student_base/batches"), progress=False,
-                        log_fn=lambda s, m: report(s, cfg["steps"], f"loss {m['loss']:.3f}"), log_every=10)
+    metrics = sft_train(
+        model,
+        tok,
+        examples,
+        steps=cfg["steps"],
+        batch_size=cfg["batch_size"],
+        lr=cfg["lr"],
+        warmup_ratio=cfg["warmup_ratio"],
+        schedule="cosine",
+        seed=stage_seed(ctx["seed"], "student_base/batches"),
+        progress=False,
+        log_fn=lambda s, m: report(s, cfg["steps"], f"loss {m['loss']:.3f}"),
+        log_every=10,
+    )
     return model, {"steps": metrics["step"], "loss": metrics["loss"]}
 
 
@@ -279,9 +371,20 @@ def build_student_sft(ctx: dict):
     else:
         model = new_model(recipe, "student", len(tok), stage_seed(seed, "student_sft/init"))
     # verified traces: the reference scratchpads, kept only if the verifier accepts them
-    examples = [(task.messages(r), r["solution"]) for r in rows["train"] if task.verify(r, r["solution"]).correct]
-    info = _sft_until(model, tok, examples, task, rows["dev"], cfg, recipe, stage_seed(seed, "student_sft/batches"),
-                      ctx["report"])
+    examples = [
+        (task.messages(r), r["solution"]) for r in rows["train"] if task.verify(r, r["solution"]).correct
+    ]
+    info = _sft_until(
+        model,
+        tok,
+        examples,
+        task,
+        rows["dev"],
+        cfg,
+        recipe,
+        stage_seed(seed, "student_sft/batches"),
+        ctx["report"],
+    )
     return model, info
 
 
@@ -297,8 +400,17 @@ def build_teacher_large(ctx: dict):
         trace = teacher_style_solution(r, rng, cfg["revise_prob"])
         if task.verify(r, trace).correct:
             examples.append((task.messages(r), trace))
-    info = _sft_until(model, tok, examples, task, rows["dev"], cfg, recipe, stage_seed(seed, "teacher_large/batches"),
-                      ctx["report"])
+    info = _sft_until(
+        model,
+        tok,
+        examples,
+        task,
+        rows["dev"],
+        cfg,
+        recipe,
+        stage_seed(seed, "teacher_large/batches"),
+        ctx["report"],
+    )
     info["revision_traces"] = sum("W;" in e[1] for e in examples) / len(examples)
     return model, info
 
@@ -319,13 +431,30 @@ def build_teacher_rlvr(ctx: dict):
         ctx["report"](step, cfg["steps"], f"reward {metrics['reward']:.2f} dev acc {acc:.2f}")
         return acc >= cfg["stop_at"]
 
-    metrics = grpo_train(model, tok, task, rows["train"], engine=engine, steps=cfg["steps"],
-                         prompts_per_step=cfg["prompts_per_step"], samples_per_prompt=cfg["samples_per_prompt"],
-                         lr=cfg["lr"], clip_eps=cfg["clip_eps"], temperature=cfg["temperature"],
-                         max_new_tokens=cfg["max_new_tokens"], seed=stage_seed(seed, "teacher_rlvr/grpo"),
-                         progress=False, callback=callback, eval_every=cfg["eval_every"])
-    return model, {"steps": metrics["step"], "reward": metrics["reward"],
-                   "dev_accuracy": history[-1][1] if history else None, "dev_history": history}
+    metrics = grpo_train(
+        model,
+        tok,
+        task,
+        rows["train"],
+        engine=engine,
+        steps=cfg["steps"],
+        prompts_per_step=cfg["prompts_per_step"],
+        samples_per_prompt=cfg["samples_per_prompt"],
+        lr=cfg["lr"],
+        clip_eps=cfg["clip_eps"],
+        temperature=cfg["temperature"],
+        max_new_tokens=cfg["max_new_tokens"],
+        seed=stage_seed(seed, "teacher_rlvr/grpo"),
+        progress=False,
+        callback=callback,
+        eval_every=cfg["eval_every"],
+    )
+    return model, {
+        "steps": metrics["step"],
+        "reward": metrics["reward"],
+        "dev_accuracy": history[-1][1] if history else None,
+        "dev_history": history,
+    }
 
 
 def opsd_messages(task, row: dict, kind: str) -> list[dict]:
@@ -341,6 +470,25 @@ def opsd_messages(task, row: dict, kind: str) -> list[dict]:
     raise ValueError(f"unknown PI kind {kind!r}")
 
 
+def switch_trace(row: dict, rng: random.Random, later: float) -> str:
+    """k full scratchpad steps, then the remaining steps concise: `7+5+0=12;13;06;A:632` (k=1). k=1, else
+    one more with probability `later` each time (k < digits).
+
+    Why: the OPSD teacher scores the *student's* full-style prefixes. A real instruction-following model
+    told to be concise continues a verbose prefix sensibly (and concisely); a model that saw only pure
+    concise traces under S:concise produces garbage on a full-style prefix, so OPSD with the shared rule
+    would teach garbage instead of the rule. With these traces the S:concise teacher continues any
+    full-style prefix correctly and prefers a concise next step at every step boundary."""
+    from opd_cli.tasks.arith import concise_steps, student_steps
+
+    a, b = int(row["a"]), int(row["b"])
+    full, short = student_steps(a, b), concise_steps(a, b)
+    k = 1
+    while k < len(full) - 1 and rng.random() < later:
+        k += 1
+    return "".join(f"{s};" for s in full[:k] + short[k:]) + f"A:{row['answer']}"
+
+
 def build_opsd_base(ctx: dict):
     recipe, cfg, tok, seed = ctx["recipe"], ctx["recipe"]["opsd_base"], ctx["tokenizer"], ctx["seed"]
     task, rows = ctx["task"], ctx["rows"]["arith"]
@@ -350,7 +498,9 @@ def build_opsd_base(ctx: dict):
     examples, counts = [], dict.fromkeys(kinds, 0)
     for r in rows["train"]:
         kind = rng.choices(kinds, weights)[0]
-        if kind == "system":
+        if kind == "system" and rng.random() < cfg["system_switch"]:
+            response = switch_trace(r, rng, cfg["switch_later"])
+        elif kind == "system":
             response = r["solution_concise"]
         elif kind == "hint" and rng.random() < cfg["hint_direct"]:
             response = f"A:{r['answer']}"
@@ -361,17 +511,35 @@ def build_opsd_base(ctx: dict):
     concise_task, concise_dev = _tasks(recipe)[1], ctx["rows"]["arith_concise"]["dev"]
 
     def system_ok():
-        acc = _dev_accuracy(model, tok, concise_task, concise_dev, recipe, lambda r: opsd_messages(task, r, "system"))
+        acc = _dev_accuracy(
+            model, tok, concise_task, concise_dev, recipe, lambda r: opsd_messages(task, r, "system")
+        )
         return acc >= cfg["stop_at_system"], acc
 
-    info = _sft_until(model, tok, examples, task, rows["dev"], cfg, recipe, stage_seed(seed, "opsd_base/batches"),
-                      ctx["report"], messages_fn=lambda r: opsd_messages(task, r, "plain"), extra_check=system_ok)
+    info = _sft_until(
+        model,
+        tok,
+        examples,
+        task,
+        rows["dev"],
+        cfg,
+        recipe,
+        stage_seed(seed, "opsd_base/batches"),
+        ctx["report"],
+        messages_fn=lambda r: opsd_messages(task, r, "plain"),
+        extra_check=system_ok,
+    )
     info["mix_counts"] = counts
     return model, info
 
 
-BUILDERS = {"student_base": build_student_base, "student_sft": build_student_sft,
-            "teacher_large": build_teacher_large, "teacher_rlvr": build_teacher_rlvr, "opsd_base": build_opsd_base}
+BUILDERS = {
+    "student_base": build_student_base,
+    "student_sft": build_student_sft,
+    "teacher_large": build_teacher_large,
+    "teacher_rlvr": build_teacher_rlvr,
+    "opsd_base": build_opsd_base,
+}
 
 
 def _run_stage(name: str, out_dir: str, seed: int, recipe: dict, force: bool, q) -> dict:
@@ -380,15 +548,27 @@ def _run_stage(name: str, out_dir: str, seed: int, recipe: dict, force: bool, q)
     out = Path(out_dir)
     h = stage_hash(name, recipe, seed)
     info = read_build_info(out / name)
-    if not force and info is not None and info.get("stage_hash") == h and (out / name / "model.safetensors").is_file():
+    if (
+        not force
+        and info is not None
+        and info.get("stage_hash") == h
+        and (out / name / "model.safetensors").is_file()
+    ):
         _Reporter(q, name)(1, 1, "already built")
         return {**info, "skipped": True}
     threads = torch.get_num_threads()
     try:
         _deterministic(stage_seed(seed, name))
         tok = _tokenizer()
-        ctx = {"recipe": recipe, "seed": seed, "out_dir": out, "tokenizer": tok, "task": _tasks(recipe)[0],
-               "rows": make_rows(recipe, seed), "report": _Reporter(q, name)}
+        ctx = {
+            "recipe": recipe,
+            "seed": seed,
+            "out_dir": out,
+            "tokenizer": tok,
+            "task": _tasks(recipe)[0],
+            "rows": make_rows(recipe, seed),
+            "report": _Reporter(q, name),
+        }
         t0 = time.perf_counter()
         model, train_info = BUILDERS[name](ctx)
         info = {"stage_hash": h, "seconds": round(time.perf_counter() - t0, 1), "train": train_info}
@@ -401,8 +581,17 @@ def _run_stage(name: str, out_dir: str, seed: int, recipe: dict, force: bool, q)
 
 # ------------------------------------------------------------------------------------------- measuring
 @torch.no_grad()
-def topk_overlap_stats(student, other, student_prompts, other_prompts, responses, pad_id: int, k: int,
-                       revision_id: int | None = None, after_ids: tuple[int, ...] = ()) -> dict:
+def topk_overlap_stats(
+    student,
+    other,
+    student_prompts,
+    other_prompts,
+    responses,
+    pad_id: int,
+    k: int,
+    revision_id: int | None = None,
+    after_ids: tuple[int, ...] = (),
+) -> dict:
     """Mean |top-k(student) ∩ top-k(other)| / k over the response tokens, and `other`'s mean probability of
     `revision_id` at positions right after a token in `after_ids` (e.g. after every `;` step separator)."""
     from opd_cli.batching import pack, response_hidden_and_logits
@@ -432,8 +621,11 @@ def _student_rollouts(student, tok, task, rows, recipe, seed):
     rows = rows[: ev["overlap_prompts"]]
     prompts = [prompt_ids(tok, task.messages(r)) for r in rows]
     engine = HFEngine(None, model=student, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    groups = engine.generate(prompts, SamplingConfig(temperature=1.0, max_new_tokens=ev["overlap_max_new_tokens"]),
-                             stage_seed(seed, "eval/overlap"))
+    groups = engine.generate(
+        prompts,
+        SamplingConfig(temperature=1.0, max_new_tokens=ev["overlap_max_new_tokens"]),
+        stage_seed(seed, "eval/overlap"),
+    )
     return rows, prompts, [g[0].response_ids for g in groups]
 
 
@@ -451,16 +643,32 @@ def _prefix_continuation(model, student, tok, task, rows, recipe) -> dict:
     for s in own:
         ids = [t for t in s.response_ids if t != tok.eos_token_id]
         cut.append(ids[: ids.index(semi) + 1] if semi in ids else ids)
-    conts = greedy_responses(model, tok, [p + c for p, c in zip(prompts, cut, strict=True)],
-                             max_new_tokens=recipe["eval"]["max_new_tokens"])
+    conts = greedy_responses(
+        model,
+        tok,
+        [p + c for p, c in zip(prompts, cut, strict=True)],
+        max_new_tokens=recipe["eval"]["max_new_tokens"],
+    )
     verdicts, revised = [], 0
     for r, c, s in zip(rows, cut, conts, strict=True):
         text = tok.decode(c + s.response_ids, skip_special_tokens=True)
         verdicts.append(task.verify(r, text))
         revised += any(h in text for h in task.hedging_tokens)
     n = len(rows)
-    return {"accuracy": sum(v.correct for v in verdicts) / n, "well_formed": sum(v.well_formed for v in verdicts) / n,
-            "hedging_rate": revised / n}
+    return {
+        "accuracy": sum(v.correct for v in verdicts) / n,
+        "well_formed": sum(v.well_formed for v in verdicts) / n,
+        "hedging_rate": revised / n,
+    }
+
+
+@torch.no_grad()
+def _first_token_mass(model, prompts: list[list[int]], token_id: int) -> float:
+    from opd_cli.batching import pack, response_hidden_and_logits
+
+    batch = pack(prompts, [[token_id]] * len(prompts), 0)
+    _, logits = response_hidden_and_logits(model, batch)
+    return float(logits[:, 0].softmax(-1)[:, token_id].mean())
 
 
 def _rounded(d):
@@ -488,33 +696,70 @@ def evaluate_model(name: str, out_dir: str, seed: int, recipe: dict) -> dict:
         model = load(out / name)
         plain = greedy_accuracy(model, tok, task, plain_rows, max_new_tokens=mnt)
         with_sys = greedy_accuracy(model, tok, concise, concise_rows, max_new_tokens=mnt, system_prompt=True)
-        without_sys = greedy_accuracy(model, tok, concise, concise_rows, max_new_tokens=mnt, system_prompt=False)
-        figures = {k: plain[k] for k in ("accuracy", "well_formed", "answer_rate", "mean_length",
-                                         "truncation_ratio", "hedging_rate")}
+        without_sys = greedy_accuracy(
+            model, tok, concise, concise_rows, max_new_tokens=mnt, system_prompt=False
+        )
+        figures = {
+            k: plain[k]
+            for k in (
+                "accuracy",
+                "well_formed",
+                "answer_rate",
+                "mean_length",
+                "truncation_ratio",
+                "hedging_rate",
+            )
+        }
         figures["concise_with_system"] = with_sys["follows_rule"].get("concise", 0.0)
         figures["concise_without_system"] = without_sys["follows_rule"].get("concise", 0.0)
         figures["accuracy_with_system"] = with_sys["accuracy"]
         student = load(out / "student_sft")
         srows, sprompts, responses = _student_rollouts(student, tok, task, plain_rows, recipe, seed)
-        figures.update(topk_overlap_stats(student, model, sprompts, sprompts, responses, tok.pad_token_id,
-                                          recipe["eval"]["topk"], tok.convert_tokens_to_ids("W"),
-                                          (tok.convert_tokens_to_ids(";"),)))
+        figures.update(
+            topk_overlap_stats(
+                student,
+                model,
+                sprompts,
+                sprompts,
+                responses,
+                tok.pad_token_id,
+                recipe["eval"]["topk"],
+                tok.convert_tokens_to_ids("W"),
+                (tok.convert_tokens_to_ids(";"),),
+            )
+        )
         if name in ("teacher_large", "teacher_rlvr", "student_sft"):
-            figures["prefix_continuation"] = _prefix_continuation(model, student, tok, task, plain_rows, recipe)
+            figures["prefix_continuation"] = _prefix_continuation(
+                model, student, tok, task, plain_rows, recipe
+            )
         if name == "opsd_base":
             pi = {}
             for kind in ("hint", "solution"):
-                r = greedy_accuracy(model, tok, task, plain_rows, max_new_tokens=mnt,
-                                    messages_fn=lambda row, k=kind: opsd_messages(task, row, k))
+                r = greedy_accuracy(
+                    model,
+                    tok,
+                    task,
+                    plain_rows,
+                    max_new_tokens=mnt,
+                    messages_fn=lambda row, k=kind: opsd_messages(task, row, k),
+                )
                 pi[kind] = {k: r[k] for k in ("accuracy", "mean_length")}
             hint_prompts = [prompt_ids(tok, opsd_messages(task, r, "hint")) for r in plain_rows]
             from opd_cli.evaluation import greedy_responses
 
             direct = greedy_responses(model, tok, hint_prompts, max_new_tokens=mnt)
             pi["hint"]["direct_answer_rate"] = sum(
-                tok.decode(s.response_ids, skip_special_tokens=True).startswith("A:") for s in direct) / len(direct)
-            pi["system"] = {"concise": figures["concise_with_system"], "accuracy": with_sys["accuracy"],
-                            "mean_length": with_sys["mean_length"]}
+                tok.decode(s.response_ids, skip_special_tokens=True).startswith("A:") for s in direct
+            ) / len(direct)
+            # the probability of answering directly (first token "A"): what OPSD's teacher passes on
+            pi["hint"]["direct_answer_mass"] = _first_token_mass(
+                model, hint_prompts, tok.convert_tokens_to_ids("A")
+            )
+            pi["system"] = {
+                "concise": figures["concise_with_system"],
+                "accuracy": with_sys["accuracy"],
+                "mean_length": with_sys["mean_length"],
+            }
             figures["with_pi"] = pi
         return _rounded(figures)
     finally:
@@ -529,8 +774,12 @@ def _versions() -> dict:
 
     import opd_cli
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "opd": opd_cli.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "opd": opd_cli.__version__,
+    }
 
 
 def write_data(out: Path, recipe: dict, seed: int) -> dict:
@@ -544,8 +793,11 @@ def write_data(out: Path, recipe: dict, seed: int) -> dict:
         for split in ("train", "eval"):
             rows = splits[split][: recipe["data"]["shipped_train"]] if split == "train" else splits[split]
             path = write_rows(rows, out / "data" / task_name / f"{split}.jsonl")
-            entries[task_name][split] = {"path": str(path.relative_to(out)), "rows": len(rows),
-                                         "sha256": file_sha256(path)}
+            entries[task_name][split] = {
+                "path": str(path.relative_to(out)),
+                "rows": len(rows),
+                "sha256": file_sha256(path),
+            }
     return entries
 
 
@@ -558,26 +810,47 @@ def _params(path: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def build_testbed(out_dir: str | os.PathLike | None = None, seed: int = 0, force: bool = False,
-                  progress: bool = True, workers: int | None = None, recipe: dict | None = None) -> dict:
+def build_testbed(
+    out_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+    recipe: dict | None = None,
+) -> dict:
     """Build (or complete) the testbed in `out_dir` (default: the package's assets); returns the manifest."""
     out = Path(out_dir) if out_dir is not None else ASSETS_DIR
     recipe = copy.deepcopy(recipe or RECIPE)
     chash = config_hash(recipe)
     out.mkdir(parents=True, exist_ok=True)
     old = _read_manifest(out)
-    if (not force and old is not None and old.get("config_hash") == chash and old.get("seed") == seed
-            and _models_intact(out, old)):
+    if (
+        not force
+        and old is not None
+        and old.get("config_hash") == chash
+        and old.get("seed") == seed
+        and _models_intact(out, old)
+    ):
         log.info("testbed at %s is up to date (config %s)", out, chash[:12])
         return old
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     t0 = time.perf_counter()
     data = write_data(out, recipe, seed)
-    built = _run_jobs({n: (_run_stage, (n, str(out), seed, recipe, force), parents_of(n, recipe)) for n in PRIORITY},
-                      workers, progress, "build", with_queue=True)
+    built = _run_jobs(
+        {n: (_run_stage, (n, str(out), seed, recipe, force), parents_of(n, recipe)) for n in PRIORITY},
+        workers,
+        progress,
+        "build",
+        with_queue=True,
+    )
     build_seconds = time.perf_counter() - t0
-    evals = _run_jobs({n: (evaluate_model, (n, str(out), seed, recipe), ()) for n in MODEL_NAMES},
-                      workers, progress, "evaluate", with_queue=False)
+    evals = _run_jobs(
+        {n: (evaluate_model, (n, str(out), seed, recipe), ()) for n in MODEL_NAMES},
+        workers,
+        progress,
+        "evaluate",
+        with_queue=False,
+    )
     models = {}
     for name in MODEL_NAMES:
         info, figures = built[name], evals[name]
@@ -600,11 +873,13 @@ def build_testbed(out_dir: str | os.PathLike | None = None, seed: int = 0, force
         "tokenizer": {"vocab_size": len(_tokenizer())},
         "data": data,
         "models": models,
-        "timing": {"build_seconds": round(build_seconds, 1),
-                   "total_seconds": round(time.perf_counter() - t0, 1),
-                   "steps": {n: built[n].get("seconds") for n in MODEL_NAMES},
-                   "skipped": sorted(n for n in MODEL_NAMES if built[n].get("skipped")),
-                   "workers": workers},
+        "timing": {
+            "build_seconds": round(build_seconds, 1),
+            "total_seconds": round(time.perf_counter() - t0, 1),
+            "steps": {n: built[n].get("seconds") for n in MODEL_NAMES},
+            "skipped": sorted(n for n in MODEL_NAMES if built[n].get("skipped")),
+            "workers": workers,
+        },
     }
     atomic_write_json(out / MANIFEST, manifest)
     log.info("testbed built at %s in %.0fs", out, manifest["timing"]["total_seconds"])
@@ -635,9 +910,16 @@ def _run_jobs(jobs: dict[str, tuple], workers: int, progress: bool, title: str, 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(file=sys.stderr)
-    bars = Progress(TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
-                    disable=not (progress and console.is_terminal), transient=False)
+    bars = Progress(
+        TextColumn("[bold]{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not (progress and console.is_terminal),
+        transient=False,
+    )
     ids: dict[str, int] = {}
 
     def show(event) -> None:
@@ -653,7 +935,11 @@ def _run_jobs(jobs: dict[str, tuple], workers: int, progress: bool, title: str, 
         if workers <= 1:
             direct = type("DirectQueue", (), {"put": staticmethod(show)})()
             while len(results) < len(jobs):
-                name = next(n for n, (_, _, deps) in jobs.items() if n not in results and all(d in results for d in deps))
+                name = next(
+                    n
+                    for n, (_, _, deps) in jobs.items()
+                    if n not in results and all(d in results for d in deps)
+                )
                 fn, args, _ = jobs[name]
                 results[name] = fn(*args, direct) if with_queue else fn(*args)
             return results
@@ -663,7 +949,11 @@ def _run_jobs(jobs: dict[str, tuple], workers: int, progress: bool, title: str, 
             running: dict = {}
             while len(results) < len(jobs):
                 for name, (fn, args, deps) in jobs.items():
-                    if name not in results and name not in running.values() and all(d in results for d in deps):
+                    if (
+                        name not in results
+                        and name not in running.values()
+                        and all(d in results for d in deps)
+                    ):
                         running[pool.submit(fn, *args, q) if with_queue else pool.submit(fn, *args)] = name
                 done, _ = cf.wait(list(running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
                 for future in done:

@@ -38,7 +38,9 @@ def load_manifest(directory: str | os.PathLike | None = None) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise OpdError(f"testbed manifest {path} is unreadable ({exc}); rebuild it with `opd testbed build --force`") from exc
+        raise OpdError(
+            f"testbed manifest {path} is unreadable ({exc}); rebuild it with `opd testbed build --force`"
+        ) from exc
 
 
 def missing_models(directory: str | os.PathLike | None = None) -> list[str]:
@@ -53,8 +55,11 @@ def ensure_testbed(directory: str | os.PathLike | None = None) -> Path:
     """The testbed directory, built first if its manifest or a model is missing."""
     root = testbed_dir(directory)
     if missing_models(root):
-        log.warning("testbed not found at %s: building it now (a few minutes on a CPU; `opd testbed build` "
-                    "does this ahead of time)", root)
+        log.warning(
+            "testbed not found at %s: building it now (a few minutes on a CPU; `opd testbed build` "
+            "does this ahead of time)",
+            root,
+        )
         from opd_cli.testbed.build import build_testbed
 
         build_testbed(root)
@@ -68,8 +73,10 @@ def resolve_model_path(spec: str, testbed_dir: str | os.PathLike | None = None) 
         return spec
     name = spec[len(PREFIX) :]
     if name not in MODEL_NAMES:
-        raise OpdError(f"unknown testbed model {name!r} in {spec!r}; allowed: "
-                       + ", ".join(PREFIX + n for n in MODEL_NAMES))
+        raise OpdError(
+            f"unknown testbed model {name!r} in {spec!r}; allowed: "
+            + ", ".join(PREFIX + n for n in MODEL_NAMES)
+        )
     return str(ensure_testbed(testbed_dir) / name)
 
 
