@@ -21,15 +21,27 @@ class PackedBatch:
     response_mask: torch.Tensor  # [B, T] bool
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        return PackedBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response_index,
-                                                     self.response_ids, self.response_mask)))
+        return PackedBatch(
+            *(
+                t.to(device)
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.response_index,
+                    self.response_ids,
+                    self.response_mask,
+                )
+            )
+        )
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> PackedBatch:
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt: every sequence needs at least one prompt token to predict the response")
+        raise ValueError(
+            "empty prompt: every sequence needs at least one prompt token to predict the response"
+        )
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     B, L, T = len(prompts), max(lengths), max((len(r) for r in responses), default=0)
     T = max(T, 1)
@@ -52,7 +64,8 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
 def gather_positions(per_position: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[B, L, ...] -> [B, T, ...]: the rows at `index` ([B, T]) of every sequence."""
     expand = index.view(*index.shape, *([1] * (per_position.dim() - 2))).expand(
-        *index.shape, *per_position.shape[2:])
+        *index.shape, *per_position.shape[2:]
+    )
     return per_position.gather(1, expand)
 
 

@@ -24,8 +24,12 @@ KEEP_LAST = 2
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -54,8 +58,10 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, trainer_state:
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         why = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise OpdError(f"could not write checkpoint {final} ({why}); the previous checkpoint is intact, "
-                       f"free space or fix permissions and resume with resume=<run dir>") from exc
+        raise OpdError(
+            f"could not write checkpoint {final} ({why}); the previous checkpoint is intact, "
+            f"free space or fix permissions and resume with resume=<run dir>"
+        ) from exc
     _prune(ckpt_root, keep=KEEP_LAST)
     return final
 

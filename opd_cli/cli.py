@@ -40,7 +40,9 @@ def conf_dir() -> Path:
     env = os.environ.get("OPD_CONF_DIR")
     path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
     if not (path / "config.yaml").is_file():
-        raise UsageError(f"config tree not found at {path}; set OPD_CONF_DIR to the directory holding config.yaml")
+        raise UsageError(
+            f"config tree not found at {path}; set OPD_CONF_DIR to the directory holding config.yaml"
+        )
     return path
 
 
@@ -70,8 +72,18 @@ def main(debug: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------- opd run
-_HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
-                           "--info", "--experimental-rerun"}
+_HYDRA_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--info",
+    "--experimental-rerun",
+}
 
 
 def split_hydra_args(args: list[str]) -> tuple[list[str], bool]:
@@ -125,8 +137,10 @@ def check_run_dir_free(cfg) -> None:
     run_dir = Path(cfg.hydra.run.dir)
     used = any((run_dir / name).exists() for name in ("metrics.jsonl", "summary.json", "status.json"))
     if used and not cfg.resume and not cfg.overwrite:
-        raise UsageError(f"{run_dir} already holds a run; pass resume={run_dir} to continue it, overwrite=true "
-                         f"to replace it, or choose another hydra.run.dir")
+        raise UsageError(
+            f"{run_dir} already holds a run; pass resume={run_dir} to continue it, overwrite=true "
+            f"to replace it, or choose another hydra.run.dir"
+        )
 
 
 def prevalidate(overrides: list[str], multirun: bool, writes: bool = True) -> None:
@@ -155,15 +169,20 @@ def with_resume_overrides(overrides: list[str]) -> list[str]:
     run_dir = Path(resume[-1]).expanduser()
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not saved.is_file():
-        raise UsageError(f"resume={run_dir}: not an opd run directory (no .hydra/overrides.yaml); pass the "
-                         f"directory printed by the run you want to continue")
+        raise UsageError(
+            f"resume={run_dir}: not an opd run directory (no .hydra/overrides.yaml); pass the "
+            f"directory printed by the run you want to continue"
+        )
     from omegaconf import OmegaConf
 
     original = [o for o in OmegaConf.to_container(OmegaConf.load(saved)) if not o.startswith("resume=")]
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     kept = [o for o in original if o.split("=", 1)[0].lstrip("+~") not in keys]
-    return kept + [o for o in overrides if not o.startswith("resume=")] + [
-        f"resume={run_dir.resolve()}", f"hydra.run.dir={run_dir.resolve()}"]
+    return (
+        kept
+        + [o for o in overrides if not o.startswith("resume=")]
+        + [f"resume={run_dir.resolve()}", f"hydra.run.dir={run_dir.resolve()}"]
+    )
 
 
 @main.command(

@@ -13,8 +13,12 @@ from opd_cli.errors import OpdError
 @click.command("eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="JSON output (default: <run dir>/eval/<checkpoint>.json, or ./eval/<checkpoint>.json).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="JSON output (default: <run dir>/eval/<checkpoint>.json, or ./eval/<checkpoint>.json).",
+)
 def eval_cmd(overrides: tuple[str, ...], engine: str, out: str | None) -> None:
     """Evaluate a checkpoint (Hugging Face format) on the configured task: greedy and sampled accuracy,
     length, truncation, and system-prompt internalization for rule tasks.
@@ -33,7 +37,9 @@ def eval_cmd(overrides: tuple[str, ...], engine: str, out: str | None) -> None:
     ckpt = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
     try:
         if not ckpt:
-            raise OpdError("missing checkpoint=<model dir or testbed:name>, e.g. opd eval checkpoint=testbed:student_sft")
+            raise OpdError(
+                "missing checkpoint=<model dir or testbed:name>, e.g. opd eval checkpoint=testbed:student_sft"
+            )
         prevalidate(rest, multirun=False, writes=False)
         cfg = compose(rest)
         result = evaluate_checkpoint(cfg, ckpt[-1], engine)

@@ -188,7 +188,15 @@ def register_configs() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Validation: ranges and combinations that types cannot express.
 
-LOSS_NAMES = ("full_rkl", "full_fkl", "gjsd", "sampled_rkl", "topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm")
+LOSS_NAMES = (
+    "full_rkl",
+    "full_fkl",
+    "gjsd",
+    "sampled_rkl",
+    "topk_rkl",
+    "topk_rkl_stopgrad",
+    "topk_rkl_renorm",
+)
 TOPK_LOSSES = ("topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm")
 SUPPORTS = ("student", "teacher", "intersection", "union")
 TEACHER_KINDS = ("external", "rlvr", "self_pi")
@@ -230,12 +238,16 @@ def validate(cfg: DictConfig | Config) -> None:
     _at_least("loss.k", c.loss.k, 1)
     _at_least("loss.chunk_size", c.loss.chunk_size, 0)
     if not 0.0 <= c.loss.beta <= 1.0:
-        raise ConfigError(f"loss.beta={c.loss.beta!r} must be in [0, 1] (0 = forward KL end, 1 = reverse KL end)")
+        raise ConfigError(
+            f"loss.beta={c.loss.beta!r} must be in [0, 1] (0 = forward KL end, 1 = reverse KL end)"
+        )
     if c.loss.is_clip is not None and c.loss.is_clip <= 0:
         raise ConfigError(f"loss.is_clip={c.loss.is_clip!r} must be > 0 (or null to disable)")
     _one_of("teacher.kind", c.teacher.kind, TEACHER_KINDS)
     if c.teacher.kind == "self_pi" and not c.teacher.pi_field:
-        raise ConfigError("teacher.kind=self_pi needs teacher.pi_field (answer | solution | system_prompt | a field)")
+        raise ConfigError(
+            "teacher.kind=self_pi needs teacher.pi_field (answer | solution | system_prompt | a field)"
+        )
     _one_of("stabilization.kind", c.stabilization.kind, ("none", "sft"))
     _one_of("stabilization.source", c.stabilization.source, ("teacher", "reference"))
     _one_of("rollout.engine", c.rollout.engine, ("vllm", "hf"))
@@ -245,7 +257,9 @@ def validate(cfg: DictConfig | Config) -> None:
     _at_least("rollout.n", c.rollout.n, 1)
     _at_least("rollout.max_new_tokens", c.rollout.max_new_tokens, 1)
     if not 0.0 < c.rollout.gpu_memory_utilization <= 1.0:
-        raise ConfigError(f"rollout.gpu_memory_utilization={c.rollout.gpu_memory_utilization!r} must be in (0, 1]")
+        raise ConfigError(
+            f"rollout.gpu_memory_utilization={c.rollout.gpu_memory_utilization!r} must be in (0, 1]"
+        )
     _at_least("trainer.steps", c.trainer.steps, 0)
     _at_least("trainer.prompts_per_step", c.trainer.prompts_per_step, 1)
     if c.trainer.lr <= 0:

@@ -35,8 +35,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x * m).sum() / denom) if denom > 0 else float("nan")
 
 
-def rollout_signals(responses: list[list[int]], texts: list[str], finish_reasons: list[str],
-                    hedging_tokens: list[str], correct: list[bool] | None) -> dict[str, float]:
+def rollout_signals(
+    responses: list[list[int]],
+    texts: list[str],
+    finish_reasons: list[str],
+    hedging_tokens: list[str],
+    correct: list[bool] | None,
+) -> dict[str, float]:
     n = max(1, len(responses))
     out = {
         "response_length": sum(len(r) for r in responses) / n,
@@ -50,8 +55,9 @@ def rollout_signals(responses: list[list[int]], texts: list[str], finish_reasons
     return out
 
 
-def loss_signals(per_token: dict[str, torch.Tensor], mask: torch.Tensor,
-                 correct: list[bool] | None) -> dict[str, float]:
+def loss_signals(
+    per_token: dict[str, torch.Tensor], mask: torch.Tensor, correct: list[bool] | None
+) -> dict[str, float]:
     """Masked means of the loss's per-token diagnostics, plus the sampled-token log-ratio by position
     bucket and by rollout correctness."""
     out = {name: masked_mean(values, mask) for name, values in per_token.items()}
@@ -125,8 +131,12 @@ class CollapseDetector:
         return False
 
     def state_dict(self) -> dict:
-        return {"collapsed_at": self.collapsed_at, "streak_start": self._streak_start, "streak": self._streak,
-                "was_healthy": self._was_healthy}
+        return {
+            "collapsed_at": self.collapsed_at,
+            "streak_start": self._streak_start,
+            "streak": self._streak,
+            "was_healthy": self._was_healthy,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.collapsed_at = state["collapsed_at"]

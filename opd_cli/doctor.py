@@ -9,8 +9,18 @@ import os
 from rich.console import Console
 from rich.table import Table
 
-PACKAGES = ("torch", "transformers", "vllm", "hydra-core", "omegaconf", "datasets", "wandb", "click",
-            "math-verify", "hydra-submitit-launcher")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "vllm",
+    "hydra-core",
+    "omegaconf",
+    "datasets",
+    "wandb",
+    "click",
+    "math-verify",
+    "hydra-submitit-launcher",
+)
 
 
 def _version(dist: str) -> str:
@@ -42,8 +52,10 @@ def doctor() -> int:
     table.add_row("CPU threads", str(torch.get_num_threads()))
     try:
         importlib.import_module("torchvision")
-        problems.append("torchvision is installed beside torch; if `import transformers` fails with "
-                        "'torchvision::nms does not exist', run `pip uninstall torchvision torchaudio torchcodec`")
+        problems.append(
+            "torchvision is installed beside torch; if `import transformers` fails with "
+            "'torchvision::nms does not exist', run `pip uninstall torchvision torchaudio torchcodec`"
+        )
     except Exception:  # noqa: BLE001 - absent or broken are both fine to report below
         pass
     try:
@@ -53,7 +65,9 @@ def doctor() -> int:
     except Exception as exc:  # noqa: BLE001
         table.add_row("import transformers", f"FAILED: {exc}")
         problems.append("transformers does not import; see the message above")
-    table.add_row("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "(unset)"))
+    table.add_row(
+        "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "(unset)")
+    )
     table.add_row("WANDB_MODE", os.environ.get("WANDB_MODE", "(unset: logger.mode=auto decides)"))
     try:
         from opd_cli.testbed.paths import testbed_status

@@ -44,12 +44,20 @@ def explain_config_exception(exc: BaseException, overrides: list[str]) -> str:
         allowed = ", ".join(o for o in exc.options if not o.endswith("_schema"))
         return f"unknown option '{option}' for config group '{group}'; allowed: {allowed}"
     if isinstance(exc, OverrideParseException):
-        return (f"cannot parse override: {str(exc).splitlines()[0]} (use key=value, e.g. trainer.lr=1e-4; quote "
-                f"values with special characters: key='{{problem}};H:{{answer}}')")
+        return (
+            f"cannot parse override: {str(exc).splitlines()[0]} (use key=value, e.g. trainer.lr=1e-4; quote "
+            f"values with special characters: key='{{problem}};H:{{answer}}')"
+        )
     cause = exc
-    while cause is not None and not isinstance(cause, (ConfigKeyError, ConfigAttributeError, ValidationError)):
+    while cause is not None and not isinstance(
+        cause, (ConfigKeyError, ConfigAttributeError, ValidationError)
+    ):
         cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) or "not in struct" in str(exc) or "not in '" in str(exc):
+    if (
+        isinstance(cause, (ConfigKeyError, ConfigAttributeError))
+        or "not in struct" in str(exc)
+        or "not in '" in str(exc)
+    ):
         key = getattr(cause, "full_key", None) or _key_from_message(str(exc))
         allowed = _schema_keys(key) if key else None
         hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""

@@ -36,7 +36,9 @@ def write_status(run_dir: Path, status: str, error: str | None = None, **extra) 
 
 def _is_fresh(run_dir: Path) -> bool:
     """No metrics, checkpoints or evaluations yet (only Hydra's config, the log, status): removable."""
-    return not any((run_dir / name).exists() for name in ("metrics.jsonl", "checkpoints", "eval", "sft_student"))
+    return not any(
+        (run_dir / name).exists() for name in ("metrics.jsonl", "checkpoints", "eval", "sft_student")
+    )
 
 
 def _job(cfg: DictConfig) -> dict | None:
@@ -86,8 +88,10 @@ def launch(args: list[str], conf_dir: Path, multirun: bool) -> int:
         sys.argv = argv
     failed = [o for o in _outcomes if o[1] == "failed"]
     if multirun and _outcomes:
-        print(f"multirun: {len(_outcomes) - len(failed)} ok, {len(failed)} failed; "
-              f"outputs in {_outcomes[0][0].parent}")
+        print(
+            f"multirun: {len(_outcomes) - len(failed)} ok, {len(failed)} failed; "
+            f"outputs in {_outcomes[0][0].parent}"
+        )
         for run_dir, _, error in failed:
             print(f"  failed: {run_dir}: {error}", file=sys.stderr)
     return 1 if failed else 0

@@ -49,10 +49,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def check_model_dir(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise OpdError(f"model directory not found: {path}; pass a Hugging Face model directory or testbed:<name>")
+        raise OpdError(
+            f"model directory not found: {path}; pass a Hugging Face model directory or testbed:<name>"
+        )
     if not (path / "config.json").is_file():
-        raise OpdError(f"{path} is not a model directory (no config.json); pass a directory saved by "
-                       f"save_pretrained or a checkpoint from a run's checkpoints/ folder")
+        raise OpdError(
+            f"{path} is not a model directory (no config.json); pass a directory saved by "
+            f"save_pretrained or a checkpoint from a run's checkpoints/ folder"
+        )
     return path
 
 
@@ -64,8 +68,10 @@ def load_model(path: str | Path, device: torch.device, *, trainable: bool = True
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except OSError as exc:
-        raise OpdError(f"could not load model {path}: {str(exc).splitlines()[0]}; check the path or, for a hub "
-                       f"id, that it is downloaded (offline machines cannot fetch weights)") from exc
+        raise OpdError(
+            f"could not load model {path}: {str(exc).splitlines()[0]}; check the path or, for a hub "
+            f"id, that it is downloaded (offline machines cannot fetch weights)"
+        ) from exc
     model.to(device)
     model.train(trainable)
     if not trainable:
@@ -102,18 +108,30 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
 
 
 class Learner:
-    def __init__(self, model: torch.nn.Module, *, lr: float, total_steps: int, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.98), grad_clip: float = 1.0, warmup_ratio: float = 0.0,
-                 schedule: str = "constant", amp_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        lr: float,
+        total_steps: int,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.98),
+        grad_clip: float = 1.0,
+        warmup_ratio: float = 0.0,
+        schedule: str = "constant",
+        amp_dtype: torch.dtype | None = None,
+    ):
         self.model = model
         self.device = next(model.parameters()).device
         self.amp_dtype = amp_dtype
         self.grad_clip = grad_clip
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                           foreach=False)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=False
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(total_steps, warmup_ratio, schedule))
+            self.optimizer, lr_lambda(total_steps, warmup_ratio, schedule)
+        )
 
     def autocast(self):
         return autocast(self.device, self.amp_dtype)

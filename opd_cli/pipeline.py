@@ -1,9 +1,9 @@
 """One `opd run` job: pick the stage, run the stabilization first when configured, write the summary.
 
-    opd run                                        # stage=opd (stabilization=none): OPD from the SFT'd student
-    opd run model=student_base stabilization=sft   # SFT on verified teacher traces, then OPD
-    opd run stage=rlvr trainer.steps=100           # GRPO: builds an RLVR-adapted teacher (run_dir/model)
-    opd run stage=sft                              # only the SFT stage (run_dir/model)
+opd run                                        # stage=opd (stabilization=none): OPD from the SFT'd student
+opd run model=student_base stabilization=sft   # SFT on verified teacher traces, then OPD
+opd run stage=rlvr trainer.steps=100           # GRPO: builds an RLVR-adapted teacher (run_dir/model)
+opd run stage=sft                              # only the SFT stage (run_dir/model)
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """A directory that already holds a run is never overwritten silently."""
     used = (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists()
     if used and not cfg.resume and not cfg.overwrite:
-        raise OpdError(f"{run_dir} already holds a run; pass resume={run_dir} to continue it, overwrite=true to "
-                       f"replace it, or choose another hydra.run.dir")
+        raise OpdError(
+            f"{run_dir} already holds a run; pass resume={run_dir} to continue it, overwrite=true to "
+            f"replace it, or choose another hydra.run.dir"
+        )
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
@@ -79,9 +81,15 @@ def _sft_examples(cfg: DictConfig, task, rows: list[dict], device) -> tuple[list
     teacher = load_model(teacher_path, device, trainable=False)
     engine = make_engine("hf", teacher_path, device=device.type, model=teacher)
     prompts = [chat_prompt_ids(tok, task.messages(r)) for r in rows]
-    groups = engine.generate(prompts, SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                                     max_new_tokens=cfg.eval.max_new_tokens),
-                             derive_seed(cfg.seed, 424242))
+    groups = engine.generate(
+        prompts,
+        SamplingConfig(
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.eval.max_new_tokens,
+        ),
+        derive_seed(cfg.seed, 424242),
+    )
     examples = []
     for row, group in zip(rows, groups, strict=True):
         text = tok.decode(group[0].response_ids, skip_special_tokens=True)
@@ -89,8 +97,10 @@ def _sft_examples(cfg: DictConfig, task, rows: list[dict], device) -> tuple[list
         if verdict.correct and verdict.well_formed and group[0].finish_reason == "stop":
             examples.append((task.messages(row), text))
     if not examples:
-        raise OpdError("stabilization=sft: no teacher trace passed the verifier; check the teacher "
-                       "(teacher.path) or use stabilization.source=reference")
+        raise OpdError(
+            "stabilization=sft: no teacher trace passed the verifier; check the teacher "
+            "(teacher.path) or use stabilization.source=reference"
+        )
     return examples, {"traces": len(rows), "kept": len(examples)}
 
 
@@ -108,24 +118,42 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
     tokenizer = load_tokenizer(path)
     model = load_model(path, device, trainable=True)
     examples, stats = _sft_examples(cfg, task, train_rows, device)
-    held_out = tokenize_examples(tokenizer, examples[-min(256, max(1, len(examples) // 8)):])
+    held_out = tokenize_examples(tokenizer, examples[-min(256, max(1, len(examples) // 8)) :])
 
     def nll() -> float:
         import torch
 
         with torch.no_grad():
-            batch = pack([p for p, _ in held_out], [r for _, r in held_out], tokenizer.pad_token_id).to(device)
+            batch = pack([p for p, _ in held_out], [r for _, r in held_out], tokenizer.pad_token_id).to(
+                device
+            )
             return float(response_nll(model, batch)[0])
 
     stats["nll_before"] = nll()
     st = cfg.stabilization
-    final = sft_train(model, tokenizer, examples, steps=st.steps, batch_size=st.batch_size, lr=st.lr,
-                      warmup_ratio=st.warmup_ratio, schedule=st.schedule, seed=cfg.seed, device=device,
-                      progress=False, log_fn=lambda step, m: log.info("sft step %d loss %.4f", step, m["loss"]))
+    final = sft_train(
+        model,
+        tokenizer,
+        examples,
+        steps=st.steps,
+        batch_size=st.batch_size,
+        lr=st.lr,
+        warmup_ratio=st.warmup_ratio,
+        schedule=st.schedule,
+        seed=cfg.seed,
+        device=device,
+        progress=False,
+        log_fn=lambda step, m: log.info("sft step %d loss %.4f", step, m["loss"]),
+    )
     stats["nll_after"] = nll()
     stats["final_loss"] = final.get("loss")
-    log.info("stabilization sft: %d/%d traces kept; student NLL on teacher traces %.3f -> %.3f",
-             stats["kept"], stats["traces"], stats["nll_before"], stats["nll_after"])
+    log.info(
+        "stabilization sft: %d/%d traces kept; student NLL on teacher traces %.3f -> %.3f",
+        stats["kept"],
+        stats["traces"],
+        stats["nll_before"],
+        stats["nll_after"],
+    )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
@@ -144,8 +172,10 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     from opd_cli.tracking import Tracker
 
     if cfg.rollout.n < 2:
-        raise OpdError(f"stage=rlvr needs rollout.n >= 2 samples per prompt (GRPO normalizes rewards within a "
-                       f"group), got rollout.n={cfg.rollout.n}")
+        raise OpdError(
+            f"stage=rlvr needs rollout.n >= 2 samples per prompt (GRPO normalizes rewards within a "
+            f"group), got rollout.n={cfg.rollout.n}"
+        )
     seed_everything(cfg.seed)
     device = pick_device(cfg.trainer.device)
     task, train_rows, eval_rows = load_task_and_data(cfg.task)
@@ -160,7 +190,9 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
 
     def run_eval(step: int) -> dict:
         e = cfg.eval
-        result = evaluate(engine, tokenizer, task, eval_rows[: e.size], prompt_ids, max_new_tokens=e.max_new_tokens)
+        result = evaluate(
+            engine, tokenizer, task, eval_rows[: e.size], prompt_ids, max_new_tokens=e.max_new_tokens
+        )
         atomic_write_json(run_dir / "eval" / f"step_{step:06d}.json", {**result, "step": step})
         tracker.log(step, headline(result))
         return result
@@ -168,22 +200,46 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         start = run_eval(0)
         tc = cfg.trainer
-        grpo_train(model, tokenizer, task, train_rows, engine=engine, steps=tc.steps,
-                   prompts_per_step=tc.prompts_per_step, samples_per_prompt=cfg.rollout.n, lr=tc.lr,
-                   clip_eps=tc.clip_eps, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                   max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed, warmup_ratio=tc.warmup_ratio,
-                   schedule=tc.schedule, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, progress=False,
-                   log_fn=lambda step, m: tracker.log(step, {k: v for k, v in m.items() if k != "step"}),
-                   log_every=1)
+        grpo_train(
+            model,
+            tokenizer,
+            task,
+            train_rows,
+            engine=engine,
+            steps=tc.steps,
+            prompts_per_step=tc.prompts_per_step,
+            samples_per_prompt=cfg.rollout.n,
+            lr=tc.lr,
+            clip_eps=tc.clip_eps,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=cfg.seed,
+            warmup_ratio=tc.warmup_ratio,
+            schedule=tc.schedule,
+            weight_decay=tc.weight_decay,
+            grad_clip=tc.grad_clip,
+            progress=False,
+            log_fn=lambda step, m: tracker.log(step, {k: v for k, v in m.items() if k != "step"}),
+            log_every=1,
+        )
         final = run_eval(tc.steps)
         out = run_dir / "model"
         model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
-        summary = {"model": str(out), "start_accuracy": start["main"]["accuracy"],
-                   "final_accuracy": final["main"]["accuracy"], "steps": tc.steps}
+        summary = {
+            "model": str(out),
+            "start_accuracy": start["main"]["accuracy"],
+            "final_accuracy": final["main"]["accuracy"],
+            "steps": tc.steps,
+        }
         tracker.summary(summary)
-        log.info("rlvr: accuracy %.3f -> %.3f; use teacher=rlvr teacher.path=%s", summary["start_accuracy"],
-                 summary["final_accuracy"], out)
+        log.info(
+            "rlvr: accuracy %.3f -> %.3f; use teacher=rlvr teacher.path=%s",
+            summary["start_accuracy"],
+            summary["final_accuracy"],
+            out,
+        )
         return summary
     finally:
         engine.close()

@@ -15,8 +15,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-KEY_METRICS = ("loss", "rollout_accuracy", "response_length", "student_mass_in_support", "topk_overlap",
-               "eval/main/accuracy")
+KEY_METRICS = (
+    "loss",
+    "rollout_accuracy",
+    "response_length",
+    "student_mass_in_support",
+    "topk_overlap",
+    "eval/main/accuracy",
+)
 
 
 log = logging.getLogger("opd")
@@ -27,19 +33,31 @@ class StepProgress:
         self.total, self.start, self.description = total, start, description
         # stderr so that stdout stays clean for results; plain lines when not a terminal (CI logs).
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=Console(file=sys.stderr), disable=not sys.stderr.isatty(), transient=False)
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=Console(file=sys.stderr),
+            disable=not sys.stderr.isatty(),
+            transient=False,
+        )
         self.task_id = None
 
     def __enter__(self) -> StepProgress:
         self.progress.__enter__()
-        self.task_id = self.progress.add_task(self.description, total=self.total, completed=self.start, info="")
+        self.task_id = self.progress.add_task(
+            self.description, total=self.total, completed=self.start, info=""
+        )
         return self
 
     def update(self, step: int, metrics: dict) -> None:
-        info = " ".join(f"{k.split('/')[-1]}={metrics[k]:.3g}" for k in KEY_METRICS
-                        if isinstance(metrics.get(k), (int, float)))
+        info = " ".join(
+            f"{k.split('/')[-1]}={metrics[k]:.3g}"
+            for k in KEY_METRICS
+            if isinstance(metrics.get(k), (int, float))
+        )
         self.progress.update(self.task_id, completed=step, info=info)
         if self.progress.disable and (step % max(1, self.total // 10) == 0 or step == self.total):
             log.info("%s step %d/%d %s", self.description, step, self.total, info)

@@ -28,7 +28,9 @@ from opd_cli.tasks.base import Row, Task
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool = False) -> list[int]:
-    kwargs = {"enable_thinking": enable_thinking} if "enable_thinking" in (tokenizer.chat_template or "") else {}
+    kwargs = (
+        {"enable_thinking": enable_thinking} if "enable_thinking" in (tokenizer.chat_template or "") else {}
+    )
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
     if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
         ids = ids["input_ids"]
@@ -69,14 +71,17 @@ class PromptBuilder:
             needed.append(self.system_from_field)
         missing = [f for f in needed if f not in row]
         if missing:
-            raise OpdError(f"teacher prompt needs field(s) {missing} that the task's rows lack; available fields: "
-                           f"{sorted(row)}; fix teacher.prompt_template / teacher.pi_field")
+            raise OpdError(
+                f"teacher prompt needs field(s) {missing} that the task's rows lack; available fields: "
+                f"{sorted(row)}; fix teacher.prompt_template / teacher.pi_field"
+            )
 
 
 def student_prompt_builder(task: Task, teacher_cfg) -> PromptBuilder:
     """The student never sees the PI: with a shared-rule OPSD teacher it loses the system prompt."""
     hides_system = teacher_cfg.kind == "self_pi" and (
-        teacher_cfg.system_prompt_from_pi or teacher_cfg.pi_field == "system_prompt")
+        teacher_cfg.system_prompt_from_pi or teacher_cfg.pi_field == "system_prompt"
+    )
     return PromptBuilder(task, system_prompt=not hides_system)
 
 
@@ -90,21 +95,32 @@ def teacher_prompt_builder(task: Task, teacher_cfg) -> PromptBuilder:
 
 def check_same_vocabulary(student_tok, teacher_tok, student_model=None, teacher_model=None) -> None:
     if student_tok.get_vocab() != teacher_tok.get_vocab():
-        raise OpdError(f"teacher tokenizer ({len(teacher_tok)} tokens) differs from the student's "
-                       f"({len(student_tok)}): token-level distillation needs one vocabulary; pick a teacher "
-                       f"from the student's model family")
+        raise OpdError(
+            f"teacher tokenizer ({len(teacher_tok)} tokens) differs from the student's "
+            f"({len(student_tok)}): token-level distillation needs one vocabulary; pick a teacher "
+            f"from the student's model family"
+        )
     if student_model is not None and teacher_model is not None:
         vs, vt = student_model.config.vocab_size, teacher_model.config.vocab_size
         if vs != vt:
-            raise OpdError(f"teacher logits have {vt} entries but the student's have {vs}: the vocabularies "
-                           f"must match; pick a teacher from the student's model family")
+            raise OpdError(
+                f"teacher logits have {vt} entries but the student's have {vs}: the vocabularies "
+                f"must match; pick a teacher from the student's model family"
+            )
 
 
 class Teacher:
     """A frozen causal LM that scores response tokens under its own prompts."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, prompts: PromptBuilder, *, amp=None,
-                 enable_thinking: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        prompts: PromptBuilder,
+        *,
+        amp=None,
+        enable_thinking: bool = False,
+    ):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.prompts = prompts
@@ -124,9 +140,11 @@ class Teacher:
         if self.max_len is not None:
             longest = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
             if longest > self.max_len:
-                raise OpdError(f"teacher prompt + response is {longest} tokens, over the teacher's context "
-                               f"({self.max_len}); shorten teacher.prompt_template or rollout.max_new_tokens "
-                               f"(the teacher prompt is never truncated)")
+                raise OpdError(
+                    f"teacher prompt + response is {longest} tokens, over the teacher's context "
+                    f"({self.max_len}); shorten teacher.prompt_template or rollout.max_new_tokens "
+                    f"(the teacher prompt is never truncated)"
+                )
         batch = pack(prompts, responses, self.tokenizer.pad_token_id).to(self.device)
         with self.amp() if self.amp else torch.autocast("cpu", enabled=False):
             _, logits = response_hidden_and_logits(self.model, batch)

@@ -35,8 +35,15 @@ def _clean(value: Any) -> Any:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, config: dict, logger_cfg, *, name: str | None = None,
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        logger_cfg,
+        *,
+        name: str | None = None,
+        resume_step: int | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)

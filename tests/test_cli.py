@@ -15,12 +15,20 @@ REPO = Path(__file__).resolve().parent.parent
 def opd(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "opd_cli.cli", *args], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "opd_cli.cli", *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["doctor", "--help"], ["bench", "--help"],
-                                  ["bench", "loss", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["run", "--help"], ["doctor", "--help"], ["bench", "--help"], ["bench", "loss", "--help"]],
+)
 def test_help_has_an_example(args):
     res = opd(*args)
     assert res.returncode == 0, res.stderr
@@ -39,7 +47,17 @@ def test_every_group_option_composes_and_validates():
     from opd_cli.cli import compose
 
     conf = REPO / "conf"
-    for group in ("task", "model", "teacher", "loss", "stabilization", "rollout", "eval", "logger", "experiment"):
+    for group in (
+        "task",
+        "model",
+        "teacher",
+        "loss",
+        "stabilization",
+        "rollout",
+        "eval",
+        "logger",
+        "experiment",
+    ):
         for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
             extra = ["task.path=/data/x.jsonl"] if option == "math" else []
             cfg = compose([f"{group}={option}", *extra])

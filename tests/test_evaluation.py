@@ -23,8 +23,12 @@ class ScriptedEngine(RolloutEngine):
     def _sample(self, prompt, text):
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         cut = tuple(prompt) in self.truncated
-        return Sample(list(prompt), ids if cut else ids + [self.tok.eos_token_id], [0.0] * (len(ids) + (not cut)),
-                      "length" if cut else "stop")
+        return Sample(
+            list(prompt),
+            ids if cut else ids + [self.tok.eos_token_id],
+            [0.0] * (len(ids) + (not cut)),
+            "length" if cut else "stop",
+        )
 
     def generate(self, prompts, sampling: SamplingConfig, seed: int):
         if sampling.is_greedy:
@@ -51,14 +55,21 @@ def test_pass_at_k_unbiased_estimator():
 
 def test_math_accuracy_on_a_synthetic_set_matches_hand_computation(tok):
     task = make_task("arith", digits=2)
-    rows = [task.make_row(12, 34), task.make_row(55, 66), task.make_row(10, 10), task.make_row(99, 1 * 10 + 9)]
-    prompts = [tok.apply_chat_template(task.messages(r), add_generation_prompt=True, tokenize=True) for r in rows]
+    rows = [
+        task.make_row(12, 34),
+        task.make_row(55, 66),
+        task.make_row(10, 10),
+        task.make_row(99, 1 * 10 + 9),
+    ]
+    prompts = [
+        tok.apply_chat_template(task.messages(r), add_generation_prompt=True, tokenize=True) for r in rows
+    ]
     prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
     greedy = {
-        tuple(prompts[0]): rows[0]["solution"],          # correct, well formed
-        tuple(prompts[1]): "A:121",                      # correct answer, malformed scratchpad
-        tuple(prompts[2]): "0+0+0=00;1+1+0=03;A:30",     # wrong, inconsistent step
-        tuple(prompts[3]): rows[3]["solution"][:10],     # truncated, wrong
+        tuple(prompts[0]): rows[0]["solution"],  # correct, well formed
+        tuple(prompts[1]): "A:121",  # correct answer, malformed scratchpad
+        tuple(prompts[2]): "0+0+0=00;1+1+0=03;A:30",  # wrong, inconsistent step
+        tuple(prompts[3]): rows[3]["solution"][:10],  # truncated, wrong
     }
     sampled = {tuple(p): [rows[i]["solution"], "A:0", "A:0", "A:0"] for i, p in enumerate(prompts)}
     engine = ScriptedEngine(tok, greedy, sampled, truncated={tuple(prompts[3])})
@@ -69,7 +80,9 @@ def test_math_accuracy_on_a_synthetic_set_matches_hand_computation(tok):
     assert res["accuracy_finished"] == pytest.approx(2 / 3) and res["accuracy_truncated"] == 0.0
     assert res["avg@4"] == pytest.approx(0.25) and res["pass@1"] == pytest.approx(0.25)
     assert res["pass@4"] == pytest.approx(1.0) and res["pass@2"] == pytest.approx(0.5)
-    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) + (i != 3) for i, t in enumerate(greedy.values())]
+    lengths = [
+        len(tok(t, add_special_tokens=False)["input_ids"]) + (i != 3) for i, t in enumerate(greedy.values())
+    ]
     assert res["mean_length"] == pytest.approx(sum(lengths) / 4)
     assert len(res["samples"]) == 4 and res["samples"][0]["correct"] is True
 
@@ -84,14 +97,21 @@ def test_internalization_score_on_a_constructed_case(tok):
     rows = task.generate(4, seed=0)
 
     def prompt_ids(row, system_prompt):
-        ids = tok.apply_chat_template(task.messages(row, system_prompt=system_prompt), add_generation_prompt=True,
-                                      tokenize=True)
+        ids = tok.apply_chat_template(
+            task.messages(row, system_prompt=system_prompt), add_generation_prompt=True, tokenize=True
+        )
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def engine(follow_without: int):
         greedy = {tuple(prompt_ids(r, True)): r["solution_concise"] for r in rows}
-        greedy.update({tuple(prompt_ids(r, False)): (r["solution_concise"] if i < follow_without
-                                                     else r["solution_student"]) for i, r in enumerate(rows)})
+        greedy.update(
+            {
+                tuple(prompt_ids(r, False)): (
+                    r["solution_concise"] if i < follow_without else r["solution_student"]
+                )
+                for i, r in enumerate(rows)
+            }
+        )
         return ScriptedEngine(tok, greedy)
 
     base = evaluate(engine(0), tok, task, rows, prompt_ids, max_new_tokens=40)

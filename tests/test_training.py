@@ -19,8 +19,14 @@ import torch
 
 from opd_cli.batching import pack, response_hidden_and_logits
 
-TINY = ["trainer.prompts_per_step=4", "eval.size=4", "eval.max_new_tokens=24", "rollout.max_new_tokens=24",
-        "logger=none", "task.train_size=64"]
+TINY = [
+    "trainer.prompts_per_step=4",
+    "eval.size=4",
+    "eval.max_new_tokens=24",
+    "rollout.max_new_tokens=24",
+    "logger=none",
+    "task.train_size=64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +42,14 @@ def models(tmp_path_factory):
 
 def opd(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "opd_cli.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "opd_cli.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -49,25 +61,48 @@ def base_args(models, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [
-    ["teacher=large", "loss=topk_rkl"],
-    ["teacher=rlvr", "loss=full_rkl", "loss.chunk_size=16"],
-    ["teacher=self_answer", "loss=topk_rkl_stopgrad"],
-    ["teacher=self_system", "task=arith_concise", "loss=topk_rkl_renorm"],
-    ["loss=sampled_rkl", "loss.is_clip=2.0"],
-], ids=["external", "rlvr-chunked", "opsd-answer", "opsd-system", "sampled"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["teacher=large", "loss=topk_rkl"],
+        ["teacher=rlvr", "loss=full_rkl", "loss.chunk_size=16"],
+        ["teacher=self_answer", "loss=topk_rkl_stopgrad"],
+        ["teacher=self_system", "task=arith_concise", "loss=topk_rkl_renorm"],
+        ["loss=sampled_rkl", "loss.is_clip=2.0"],
+    ],
+    ids=["external", "rlvr-chunked", "opsd-answer", "opsd-system", "sampled"],
+)
 def test_opd_run_writes_a_complete_run_dir(models, tmp_path, extra):
     run_dir = tmp_path / "run"
-    res = opd("run", *base_args(models, *extra, "trainer.steps=2", "rollout=hf", "eval.every=1",
-                                f"hydra.run.dir={run_dir}"), cwd=tmp_path)
+    res = opd(
+        "run",
+        *base_args(
+            models, *extra, "trainer.steps=2", "rollout=hf", "eval.every=1", f"hydra.run.dir={run_dir}"
+        ),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = metrics(run_dir)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
-    for key in ("loss", "grad_norm", "lr", "response_length", "truncation_ratio", "repeat_ratio",
-                "hedging_rate", "student_mass_in_support", "topk_overlap", "sampled_logratio",
-                "student_entropy", "rollout_accuracy", "time/rollout", "time/teacher", "time/learner",
-                "time/sync"):
+    for key in (
+        "loss",
+        "grad_norm",
+        "lr",
+        "response_length",
+        "truncation_ratio",
+        "repeat_ratio",
+        "hedging_rate",
+        "student_mass_in_support",
+        "topk_overlap",
+        "sampled_logratio",
+        "student_entropy",
+        "rollout_accuracy",
+        "time/rollout",
+        "time/teacher",
+        "time/learner",
+        "time/sync",
+    ):
         assert key in train_rows[0], key
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and "final_accuracy" in summary
@@ -83,7 +118,9 @@ def test_opd_run_writes_a_complete_run_dir(models, tmp_path, extra):
 @pytest.mark.vllm
 def test_opd_run_with_vllm_rollouts_and_offline_wandb(models, tmp_path):
     run_dir = tmp_path / "run"
-    args = [a for a in base_args(models, "trainer.steps=2", "rollout=vllm", "eval.every=0") if a != "logger=none"]
+    args = [
+        a for a in base_args(models, "trainer.steps=2", "rollout=vllm", "eval.every=0") if a != "logger=none"
+    ]
     res = opd("run", *args, "logger=wandb", "logger.mode=offline", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     train_rows = [r for r in metrics(run_dir) if "loss" in r]
@@ -94,8 +131,17 @@ def test_opd_run_with_vllm_rollouts_and_offline_wandb(models, tmp_path):
 @pytest.mark.slow
 def test_opd_eval_prints_a_table_and_writes_json(models, tmp_path):
     out = tmp_path / "eval.json"
-    res = opd("eval", f"checkpoint={models['student']}", "eval.size=4", "eval.max_new_tokens=16", "--engine", "hf",
-              "--out", str(out), cwd=tmp_path)
+    res = opd(
+        "eval",
+        f"checkpoint={models['student']}",
+        "eval.size=4",
+        "eval.max_new_tokens=16",
+        "--engine",
+        "hf",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "accuracy" in res.stdout and "truncation_ratio" in res.stdout
     result = json.loads(out.read_text())
@@ -116,12 +162,18 @@ def test_killed_run_resumes_to_identical_metrics(models, tmp_path):
 
     killed = tmp_path / "killed"
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "opd_cli.cli", "run", *args, f"hydra.run.dir={killed}"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opd_cli.cli", "run", *args, f"hydra.run.dir={killed}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         if (killed / "checkpoints" / "step_000002").exists() and len(
-                [r for r in metrics(killed) if "loss" in r]) >= 3:
+            [r for r in metrics(killed) if "loss" in r]
+        ) >= 3:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
@@ -129,15 +181,28 @@ def test_killed_run_resumes_to_identical_metrics(models, tmp_path):
     res = opd("run", f"resume={killed}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _strip_times(metrics(killed)) == _strip_times(metrics(full))
-    assert json.loads((killed / "summary.json").read_text())["final_accuracy"] == json.loads(
-        (full / "summary.json").read_text())["final_accuracy"]
+    assert (
+        json.loads((killed / "summary.json").read_text())["final_accuracy"]
+        == json.loads((full / "summary.json").read_text())["final_accuracy"]
+    )
 
 
 @pytest.mark.slow
 def test_multirun_2x2_smoke(models, tmp_path):
-    res = opd("run", "-m", *base_args(models, "trainer.steps=1", "rollout=hf", "eval.every=0",
-                                      "loss=topk_rkl,topk_rkl_stopgrad", "seed=0,1",
-                                      f"hydra.sweep.dir={tmp_path / 'sweep'}"), cwd=tmp_path)
+    res = opd(
+        "run",
+        "-m",
+        *base_args(
+            models,
+            "trainer.steps=1",
+            "rollout=hf",
+            "eval.every=0",
+            "loss=topk_rkl,topk_rkl_stopgrad",
+            "seed=0,1",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
     assert len(jobs) == 4
@@ -155,8 +220,12 @@ def test_vocabulary_mismatch_is_rejected(models, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(other))
     tok.add_tokens(["<|extra|>"])
     tok.save_pretrained(str(other))
-    res = opd("run", *base_args(models, f"teacher.path={other}", "trainer.steps=1", "rollout=hf"),
-              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    res = opd(
+        "run",
+        *base_args(models, f"teacher.path={other}", "trainer.steps=1", "rollout=hf"),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error: teacher tokenizer") and "Traceback" not in res.stderr
     assert not (tmp_path / "run").exists(), "a run rejected at setup leaves nothing behind"
@@ -164,8 +233,17 @@ def test_vocabulary_mismatch_is_rejected(models, tmp_path):
 
 @pytest.mark.slow
 def test_missing_pi_field_is_rejected(models, tmp_path):
-    res = opd("run", *base_args(models, "teacher=self_answer", "teacher.prompt_template='{problem};{nope}'",
-                                "trainer.steps=1", "rollout=hf"), cwd=tmp_path)
+    res = opd(
+        "run",
+        *base_args(
+            models,
+            "teacher=self_answer",
+            "teacher.prompt_template='{problem};{nope}'",
+            "trainer.steps=1",
+            "rollout=hf",
+        ),
+        cwd=tmp_path,
+    )
     assert res.returncode == 2 and "['nope']" in res.stderr
 
 
@@ -213,23 +291,53 @@ def test_pack_gathers_the_positions_that_predict_each_response_token(tiny_model_
 @pytest.mark.slow
 def test_rlvr_stage_produces_a_teacher_checkpoint_that_opd_can_use(models, tmp_path):
     rl = tmp_path / "rl"
-    res = opd("run", "stage=rlvr", f"model.path={models['student']}", *TINY, "rollout=hf", "rollout.n=4",
-              "trainer.steps=2", f"hydra.run.dir={rl}", cwd=tmp_path)
+    res = opd(
+        "run",
+        "stage=rlvr",
+        f"model.path={models['student']}",
+        *TINY,
+        "rollout=hf",
+        "rollout.n=4",
+        "trainer.steps=2",
+        f"hydra.run.dir={rl}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (rl / "model" / "config.json").exists()
     rows = [r for r in metrics(rl) if "reward" in r]
     assert [r["step"] for r in rows] == [1, 2] and "informative_groups" in rows[0]
-    res = opd("run", *base_args(models, "teacher=rlvr", f"teacher.path={rl / 'model'}", "trainer.steps=1",
-                                "rollout=hf", f"hydra.run.dir={tmp_path / 'opd'}"), cwd=tmp_path)
+    res = opd(
+        "run",
+        *base_args(
+            models,
+            "teacher=rlvr",
+            f"teacher.path={rl / 'model'}",
+            "trainer.steps=1",
+            "rollout=hf",
+            f"hydra.run.dir={tmp_path / 'opd'}",
+        ),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_sft_then_opd(models, tmp_path):
     run_dir = tmp_path / "run"
-    res = opd("run", *base_args(models, "stabilization=sft", "stabilization.source=reference",
-                                "stabilization.steps=3", "stabilization.num_traces=64", "trainer.steps=1",
-                                "rollout=hf", f"hydra.run.dir={run_dir}"), cwd=tmp_path)
+    res = opd(
+        "run",
+        *base_args(
+            models,
+            "stabilization=sft",
+            "stabilization.source=reference",
+            "stabilization.steps=3",
+            "stabilization.num_traces=64",
+            "trainer.steps=1",
+            "rollout=hf",
+            f"hydra.run.dir={run_dir}",
+        ),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     stats = json.loads((run_dir / "sft_student" / "sft_stats.json").read_text())
     assert stats["kept"] == 64 and stats["nll_after"] < stats["nll_before"]

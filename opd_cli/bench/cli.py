@@ -1,7 +1,7 @@
 """`opd bench ...`: speed and memory benchmarks that print ratios measured in one run.
 
-    opd bench loss                 # chunked vs naive loss path at Qwen3 vocabulary size (V=151,936)
-    opd bench loss --quick         # a small size, seconds
+opd bench loss                 # chunked vs naive loss path at Qwen3 vocabulary size (V=151,936)
+opd bench loss --quick         # a small size, seconds
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ def bench_group() -> None:
 @click.option("--k", type=int, default=20, show_default=True)
 @click.option("--chunk-size", type=int, default=None, help="Tokens per chunk (default: the bench's own).")
 @click.option("--quick", is_flag=True, help="Tiny sizes (V=1000, H=64, 256 tokens): a smoke run.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown table here.")
-def bench_loss(vocab: int, hidden: int, tokens: int, k: int, chunk_size: int | None, quick: bool,
-               out: str | None) -> None:
+@click.option(
+    "--out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown table here."
+)
+def bench_loss(
+    vocab: int, hidden: int, tokens: int, k: int, chunk_size: int | None, quick: bool, out: str | None
+) -> None:
     """Peak memory and time of forward+backward: naive full-logits path vs chunked path.
 
     \b

@@ -31,8 +31,12 @@ def task_options(task_cfg) -> dict:
     if task_cfg.name == "arith":
         return {"digits": task_cfg.digits, "rule": task_cfg.rule}
     if task_cfg.name == "math":
-        return {"path": task_cfg.path, "split": task_cfg.split, "fields": dict(task_cfg.fields) or None,
-                "rule": task_cfg.rule}
+        return {
+            "path": task_cfg.path,
+            "split": task_cfg.split,
+            "fields": dict(task_cfg.fields) or None,
+            "rule": task_cfg.rule,
+        }
     return {}
 
 
@@ -45,8 +49,14 @@ def load_task_and_data(task_cfg) -> tuple[Task, list[dict], list[dict]]:
         task = make_task(task_cfg.name, **task_options(task_cfg))
         if task_cfg.name == "math":
             train = task.generate(task_cfg.train_size, task_cfg.data_seed)
-            eval_task = make_task("math", **{**task_options(task_cfg), "path": task_cfg.eval_path or task_cfg.path,
-                                             "split": task_cfg.eval_split})
+            eval_task = make_task(
+                "math",
+                **{
+                    **task_options(task_cfg),
+                    "path": task_cfg.eval_path or task_cfg.path,
+                    "split": task_cfg.eval_split,
+                },
+            )
             evals = eval_task.generate(task_cfg.eval_size, task_cfg.data_seed + 1)
         else:
             train = task.generate(task_cfg.train_size, task_cfg.data_seed)
@@ -54,7 +64,11 @@ def load_task_and_data(task_cfg) -> tuple[Task, list[dict], list[dict]]:
     except (DataError, ValueError) as exc:
         raise OpdError(f"task={task_cfg.name}: {exc}") from exc
     if not train:
-        raise OpdError(f"task={task_cfg.name}: the training set is empty; point task.path at a dataset with rows")
+        raise OpdError(
+            f"task={task_cfg.name}: the training set is empty; point task.path at a dataset with rows"
+        )
     if not evals:
-        raise OpdError(f"task={task_cfg.name}: the evaluation set is empty; set task.eval_path or task.eval_size")
+        raise OpdError(
+            f"task={task_cfg.name}: the evaluation set is empty; set task.eval_path or task.eval_size"
+        )
     return task, train, evals

@@ -33,7 +33,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def internalization_score(follow_without: float, base_follow_with: float, base_follow_without: float) -> float:
+def internalization_score(
+    follow_without: float, base_follow_with: float, base_follow_without: float
+) -> float:
     """How much of the gap between the base model with and without the system prompt was closed."""
     gap = base_follow_with - base_follow_without
     if abs(gap) < 1e-9:
@@ -45,9 +47,19 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def evaluate_prompts(engine: RolloutEngine, tokenizer, task: Task, rows: list[Row], prompt_ids: list[list[int]],
-                     *, max_new_tokens: int, samples: int = 0, temperature: float = 1.0, seed: int = 0,
-                     keep_samples: int = 5) -> dict:
+def evaluate_prompts(
+    engine: RolloutEngine,
+    tokenizer,
+    task: Task,
+    rows: list[Row],
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    keep_samples: int = 5,
+) -> dict:
     """Greedy (and optionally sampled) evaluation of already-built prompts."""
     greedy = engine.generate(prompt_ids, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True), seed)
     texts = [tokenizer.decode(s[0].response_ids, skip_special_tokens=True) for s in greedy]
@@ -67,51 +79,91 @@ def evaluate_prompts(engine: RolloutEngine, tokenizer, task: Task, rows: list[Ro
     if follows:
         result["rule_following"] = _mean([float(f) for f in follows])
     if result["truncation_ratio"] > TRUNCATION_WARNING:
-        log.warning("%.0f%% of evaluation responses hit eval.max_new_tokens=%d: accuracy is understated; "
-                    "raise eval.max_new_tokens", 100 * result["truncation_ratio"], max_new_tokens)
+        log.warning(
+            "%.0f%% of evaluation responses hit eval.max_new_tokens=%d: accuracy is understated; "
+            "raise eval.max_new_tokens",
+            100 * result["truncation_ratio"],
+            max_new_tokens,
+        )
     if samples > 0:
         sampled = engine.generate(
-            prompt_ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, n=samples), seed + 1)
+            prompt_ids,
+            SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, n=samples),
+            seed + 1,
+        )
         counts = []
         for row, group in zip(rows, sampled, strict=True):
-            counts.append(sum(task.verify(row, tokenizer.decode(s.response_ids, skip_special_tokens=True)).correct
-                              for s in group))
+            counts.append(
+                sum(
+                    task.verify(row, tokenizer.decode(s.response_ids, skip_special_tokens=True)).correct
+                    for s in group
+                )
+            )
         result[f"avg@{samples}"] = _mean([c / samples for c in counts])
         ks = sorted({1, samples} | {2**i for i in range(1, 8) if 2**i < samples})
         for k in ks:
             result[f"pass@{k}"] = _mean([pass_at_k(samples, c, k) for c in counts])
     result["samples"] = [
-        {"prompt": tokenizer.decode(p, skip_special_tokens=False), "response": t, "correct": c,
-         "finish_reason": s[0].finish_reason}
+        {
+            "prompt": tokenizer.decode(p, skip_special_tokens=False),
+            "response": t,
+            "correct": c,
+            "finish_reason": s[0].finish_reason,
+        }
         for p, t, c, s in list(zip(prompt_ids, texts, correct, greedy, strict=True))[:keep_samples]
     ]
     return result
 
 
-def evaluate(engine: RolloutEngine, tokenizer, task: Task, rows: list[Row], student_prompt_ids, *,
-             max_new_tokens: int, samples: int = 0, temperature: float = 1.0, seed: int = 0,
-             keep_samples: int = 5, base: dict | None = None) -> dict:
+def evaluate(
+    engine: RolloutEngine,
+    tokenizer,
+    task: Task,
+    rows: list[Row],
+    student_prompt_ids,
+    *,
+    max_new_tokens: int,
+    samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    keep_samples: int = 5,
+    base: dict | None = None,
+) -> dict:
     """The evaluation sets of one checkpoint: `main` (the student's own prompts) and, when rows carry a
     system-prompt rule, `with_system` / `without_system` plus the internalization score vs `base`.
 
     `student_prompt_ids(row, system_prompt: bool) -> list[int]` builds the prompts.
     """
-    opts = dict(max_new_tokens=max_new_tokens, samples=samples, temperature=temperature, seed=seed,
-                keep_samples=keep_samples)
+    opts = dict(
+        max_new_tokens=max_new_tokens,
+        samples=samples,
+        temperature=temperature,
+        seed=seed,
+        keep_samples=keep_samples,
+    )
     has_rule = any(task.rules.get(r.get("system_prompt") or "") for r in rows)
     if not has_rule:
-        return {"main": evaluate_prompts(engine, tokenizer, task, rows,
-                                         [student_prompt_ids(r, True) for r in rows], **opts)}
-    with_sys = evaluate_prompts(engine, tokenizer, task, rows, [student_prompt_ids(r, True) for r in rows], **opts)
-    without = evaluate_prompts(engine, tokenizer, task, rows, [student_prompt_ids(r, False) for r in rows], **opts)
+        return {
+            "main": evaluate_prompts(
+                engine, tokenizer, task, rows, [student_prompt_ids(r, True) for r in rows], **opts
+            )
+        }
+    with_sys = evaluate_prompts(
+        engine, tokenizer, task, rows, [student_prompt_ids(r, True) for r in rows], **opts
+    )
+    without = evaluate_prompts(
+        engine, tokenizer, task, rows, [student_prompt_ids(r, False) for r in rows], **opts
+    )
     out = {"with_system": with_sys, "without_system": without}
     ref = base or out
     out["internalization"] = {
         "follow_with": with_sys.get("rule_following", float("nan")),
         "follow_without": without.get("rule_following", float("nan")),
-        "score": internalization_score(without.get("rule_following", float("nan")),
-                                       ref["with_system"].get("rule_following", float("nan")),
-                                       ref["without_system"].get("rule_following", float("nan"))),
+        "score": internalization_score(
+            without.get("rule_following", float("nan")),
+            ref["with_system"].get("rule_following", float("nan")),
+            ref["without_system"].get("rule_following", float("nan")),
+        ),
     }
     return out
 
@@ -143,38 +195,68 @@ def evaluate_checkpoint(cfg, checkpoint: str, engine_kind: str) -> dict:
     task, _, rows = load_task_and_data(cfg.task)
     tokenizer = load_tokenizer(path)
     dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    opts = ({"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
-             "max_model_len": cfg.rollout.max_model_len, "seed": cfg.seed} if engine_kind == "vllm" else {})
+    opts = (
+        {
+            "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
+            "max_model_len": cfg.rollout.max_model_len,
+            "seed": cfg.seed,
+        }
+        if engine_kind == "vllm"
+        else {}
+    )
     engine = make_engine(engine_kind, path, device=device.type, dtype=dtype, **opts)
 
     def prompt_ids(row, system_prompt):
-        return chat_prompt_ids(tokenizer, PromptBuilder(task, system_prompt).messages(row),
-                               cfg.model.enable_thinking)
+        return chat_prompt_ids(
+            tokenizer, PromptBuilder(task, system_prompt).messages(row), cfg.model.enable_thinking
+        )
 
     try:
         e = cfg.eval
-        return evaluate(engine, tokenizer, task, rows[: e.size], prompt_ids, max_new_tokens=e.max_new_tokens,
-                        samples=e.samples, temperature=e.temperature, seed=cfg.seed, keep_samples=e.keep_samples)
+        return evaluate(
+            engine,
+            tokenizer,
+            task,
+            rows[: e.size],
+            prompt_ids,
+            max_new_tokens=e.max_new_tokens,
+            samples=e.samples,
+            temperature=e.temperature,
+            seed=cfg.seed,
+            keep_samples=e.keep_samples,
+        )
     finally:
         engine.close()
 
 
 def format_table(result: dict) -> str:
     """A plain-text table of an `evaluate` result (one row per evaluation set)."""
-    cols = ["accuracy", "well_formed", "rule_following", "mean_length", "truncation_ratio",
-            "accuracy_finished", "accuracy_truncated"]
-    extra = sorted({k for v in result.values() if isinstance(v, dict) for k in v
-                    if k.startswith(("avg@", "pass@"))})
+    cols = [
+        "accuracy",
+        "well_formed",
+        "rule_following",
+        "mean_length",
+        "truncation_ratio",
+        "accuracy_finished",
+        "accuracy_truncated",
+    ]
+    extra = sorted(
+        {k for v in result.values() if isinstance(v, dict) for k in v if k.startswith(("avg@", "pass@"))}
+    )
     header = ["set", *cols, *extra]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for name, values in result.items():
         if not isinstance(values, dict) or "accuracy" not in values:
             continue
-        cells = [name] + [f"{values[c]:.3f}" if isinstance(values.get(c), float) else str(values.get(c, "-"))
-                          for c in cols + extra]
+        cells = [name] + [
+            f"{values[c]:.3f}" if isinstance(values.get(c), float) else str(values.get(c, "-"))
+            for c in cols + extra
+        ]
         lines.append(" | ".join(cells))
     if "internalization" in result:
         i = result["internalization"]
-        lines.append(f"internalization: follow_with={i['follow_with']:.3f} follow_without={i['follow_without']:.3f}"
-                     f" score={i['score']:.3f}")
+        lines.append(
+            f"internalization: follow_with={i['follow_with']:.3f} follow_without={i['follow_without']:.3f}"
+            f" score={i['score']:.3f}"
+        )
     return "\n".join(lines)

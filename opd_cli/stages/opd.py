@@ -55,8 +55,10 @@ def loss_kwargs(loss_cfg) -> dict:
 
 def check_k_fits(loss_cfg, vocab_size: int) -> None:
     if "k" in losses.loss_options(loss_cfg.name) and loss_cfg.k > vocab_size:
-        raise OpdError(f"loss.k={loss_cfg.k} is larger than the vocabulary ({vocab_size} tokens); "
-                       f"use loss.k <= {vocab_size}")
+        raise OpdError(
+            f"loss.k={loss_cfg.k} is larger than the vocabulary ({vocab_size} tokens); "
+            f"use loss.k <= {vocab_size}"
+        )
 
 
 def batch_rows(rows: list[dict], step: int, seed: int, size: int) -> list[dict]:
@@ -87,20 +89,41 @@ class OPDRun:
         teacher_model = load_model(teacher_path, self.device, trainable=False)
         check_same_vocabulary(self.tokenizer, teacher_tok, self.model, teacher_model)
         self.student_prompts: PromptBuilder = student_prompt_builder(self.task, cfg.teacher)
-        self.teacher = Teacher(teacher_model, teacher_tok, teacher_prompt_builder(self.task, cfg.teacher),
-                               amp=lambda: torch.autocast(self.device.type, dtype=self.amp_dtype,
-                                                          enabled=self.amp_dtype is not None),
-                               enable_thinking=cfg.model.enable_thinking)
+        self.teacher = Teacher(
+            teacher_model,
+            teacher_tok,
+            teacher_prompt_builder(self.task, cfg.teacher),
+            amp=lambda: torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+            ),
+            enable_thinking=cfg.model.enable_thinking,
+        )
         self.teacher.prompt_ids(self.train_rows[0])  # fail now, not at step 1, on a bad PI template
 
         tc = cfg.trainer
-        self.learner = Learner(self.model, lr=tc.lr, total_steps=tc.steps, weight_decay=tc.weight_decay,
-                               betas=tuple(tc.betas), grad_clip=tc.grad_clip, warmup_ratio=tc.warmup_ratio,
-                               schedule=tc.schedule, amp_dtype=self.amp_dtype)
-        self.detector = CollapseDetector(cfg.diagnostics.truncation_threshold, cfg.diagnostics.mass_threshold,
-                                         cfg.diagnostics.repeat_threshold, cfg.diagnostics.patience)
-        self.sampling = SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                       max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n)
+        self.learner = Learner(
+            self.model,
+            lr=tc.lr,
+            total_steps=tc.steps,
+            weight_decay=tc.weight_decay,
+            betas=tuple(tc.betas),
+            grad_clip=tc.grad_clip,
+            warmup_ratio=tc.warmup_ratio,
+            schedule=tc.schedule,
+            amp_dtype=self.amp_dtype,
+        )
+        self.detector = CollapseDetector(
+            cfg.diagnostics.truncation_threshold,
+            cfg.diagnostics.mass_threshold,
+            cfg.diagnostics.repeat_threshold,
+            cfg.diagnostics.patience,
+        )
+        self.sampling = SamplingConfig(
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            n=cfg.rollout.n,
+        )
         self.check_lengths()
         self.hedging = list(cfg.diagnostics.hedging_tokens or self.task.hedging_tokens)
         self.step = 0
@@ -108,31 +131,48 @@ class OPDRun:
         self.skipped_batches = 0
         self.ckpt_root = self.run_dir / "checkpoints"
         resume_state = self.restore() if cfg.resume else None
-        self.engine = make_engine(cfg.rollout.engine, student_path, device=self.device.type,
-                                  dtype="bfloat16" if self.amp_dtype == torch.bfloat16 else "float32",
-                                  model=self.model, **self.engine_options())
-        self.tracker = Tracker(self.run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger,
-                               name=cfg.cell.name if cfg.cell.name != "default" else None,
-                               resume_step=resume_state)
+        self.engine = make_engine(
+            cfg.rollout.engine,
+            student_path,
+            device=self.device.type,
+            dtype="bfloat16" if self.amp_dtype == torch.bfloat16 else "float32",
+            model=self.model,
+            **self.engine_options(),
+        )
+        self.tracker = Tracker(
+            self.run_dir,
+            OmegaConf.to_container(cfg, resolve=True),
+            cfg.logger,
+            name=cfg.cell.name if cfg.cell.name != "default" else None,
+            resume_step=resume_state,
+        )
 
     # ------------------------------------------------------------------------------------------ setup
     def engine_options(self) -> dict:
         if self.cfg.rollout.engine != "vllm":
             return {}
         r = self.cfg.rollout
-        return {"gpu_memory_utilization": r.gpu_memory_utilization, "max_model_len": r.max_model_len,
-                "tensor_parallel_size": r.tensor_parallel_size, "seed": self.cfg.seed}
+        return {
+            "gpu_memory_utilization": r.gpu_memory_utilization,
+            "max_model_len": r.max_model_len,
+            "tensor_parallel_size": r.tensor_parallel_size,
+            "seed": self.cfg.seed,
+        }
 
     def check_lengths(self) -> None:
         longest_prompt = max(len(self.prompt_ids(r)) for r in self.train_rows[:256])
         budget = longest_prompt + self.cfg.rollout.max_new_tokens
         if self.max_len is not None and budget > self.max_len:
-            raise OpdError(f"prompt ({longest_prompt} tokens) + rollout.max_new_tokens "
-                           f"({self.cfg.rollout.max_new_tokens}) exceeds the model's context ({self.max_len}); "
-                           f"lower rollout.max_new_tokens")
+            raise OpdError(
+                f"prompt ({longest_prompt} tokens) + rollout.max_new_tokens "
+                f"({self.cfg.rollout.max_new_tokens}) exceeds the model's context ({self.max_len}); "
+                f"lower rollout.max_new_tokens"
+            )
         if self.cfg.rollout.engine == "vllm" and budget > self.cfg.rollout.max_model_len:
-            raise OpdError(f"prompt + rollout.max_new_tokens = {budget} tokens > rollout.max_model_len="
-                           f"{self.cfg.rollout.max_model_len}; raise rollout.max_model_len")
+            raise OpdError(
+                f"prompt + rollout.max_new_tokens = {budget} tokens > rollout.max_model_len="
+                f"{self.cfg.rollout.max_model_len}; raise rollout.max_model_len"
+            )
 
     def prompt_ids(self, row: dict, system_prompt: bool | None = None) -> list[int]:
         builder = self.student_prompts if system_prompt is None else PromptBuilder(self.task, system_prompt)
@@ -141,7 +181,9 @@ class OPDRun:
     def restore(self) -> int:
         ckpt = latest_checkpoint(self.ckpt_root)
         if ckpt is None:
-            raise OpdError(f"resume={self.run_dir}: no complete checkpoint in {self.ckpt_root}; start a new run")
+            raise OpdError(
+                f"resume={self.run_dir}: no complete checkpoint in {self.ckpt_root}; start a new run"
+            )
         from safetensors.torch import load_file
 
         weights = {}
@@ -149,8 +191,10 @@ class OPDRun:
             weights.update(load_file(str(shard), device=str(self.device)))
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if unexpected or [m for m in missing if "lm_head" not in m]:
-            raise OpdError(f"checkpoint {ckpt} does not match the model (missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}); resume with the run's own config")
+            raise OpdError(
+                f"checkpoint {ckpt} does not match the model (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}); resume with the run's own config"
+            )
         state = load_trainer_state(ckpt)
         self.learner.load_state_dict(state["learner"])
         self.detector.load_state_dict(state["detector"])
@@ -162,9 +206,18 @@ class OPDRun:
         return self.step
 
     def save(self) -> None:
-        save_checkpoint(self.ckpt_root, self.step, self.model, self.tokenizer, {
-            "learner": self.learner.state_dict(), "detector": self.detector.state_dict(),
-            "base_eval": self.base_eval, "skipped_batches": self.skipped_batches})
+        save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            self.model,
+            self.tokenizer,
+            {
+                "learner": self.learner.state_dict(),
+                "detector": self.detector.state_dict(),
+                "base_eval": self.base_eval,
+                "skipped_batches": self.skipped_batches,
+            },
+        )
 
     # ------------------------------------------------------------------------------------------- step
     def train_step(self) -> dict[str, float]:
@@ -185,8 +238,11 @@ class OPDRun:
         t1 = time.perf_counter()
         if not any(responses):
             self.skipped_batches += 1
-            log.warning("step %d: every response is empty; batch skipped (%d so far)", self.step + 1,
-                        self.skipped_batches)
+            log.warning(
+                "step %d: every response is empty; batch skipped (%d so far)",
+                self.step + 1,
+                self.skipped_batches,
+            )
             return {**metrics, "skipped_batches": self.skipped_batches}
 
         teacher_lp = self.teacher.score(sample_rows, responses)
@@ -200,27 +256,52 @@ class OPDRun:
             if cfg.loss.chunk_size > 0:
                 hidden, _ = response_hidden_and_logits(self.model, batch, logits=False)
                 head = self.model.get_output_embeddings()
-                out = chunked_loss(cfg.loss.name, hidden, head.weight, teacher_lp, batch.response_ids,
-                                          batch.response_mask, chunk_size=cfg.loss.chunk_size,
-                                          lm_head_bias=head.bias, **kwargs)
+                out = chunked_loss(
+                    cfg.loss.name,
+                    hidden,
+                    head.weight,
+                    teacher_lp,
+                    batch.response_ids,
+                    batch.response_mask,
+                    chunk_size=cfg.loss.chunk_size,
+                    lm_head_bias=head.bias,
+                    **kwargs,
+                )
                 logits = None
             else:
                 _, logits = response_hidden_and_logits(self.model, batch)
-                out = losses.compute_loss(cfg.loss.name, logits, teacher_lp, batch.response_ids,
-                                          batch.response_mask, **kwargs)
+                out = losses.compute_loss(
+                    cfg.loss.name, logits, teacher_lp, batch.response_ids, batch.response_mask, **kwargs
+                )
         metrics.update(loss_signals(out.per_token, batch.response_mask, correct))
         if logits is not None and (self.step + 1) % cfg.diagnostics.every == 0:
-            metrics["grad_cosine_to_full_rkl"] = float(losses.grad_cosine_to_full_rkl(
-                cfg.loss.name, logits.detach(), teacher_lp, batch.response_ids, batch.response_mask, **kwargs))
+            metrics["grad_cosine_to_full_rkl"] = float(
+                losses.grad_cosine_to_full_rkl(
+                    cfg.loss.name,
+                    logits.detach(),
+                    teacher_lp,
+                    batch.response_ids,
+                    batch.response_mask,
+                    **kwargs,
+                )
+            )
         metrics["loss"] = float(out.loss.detach())
         metrics.update(self.learner.step(out.loss))
         t3 = time.perf_counter()
         sync = self.engine.sync_weights(self.model)
         t4 = time.perf_counter()
         total = t4 - t0
-        metrics.update({"time/rollout": t1 - t0, "time/teacher": t2 - t1, "time/learner": t3 - t2,
-                        "time/sync": t4 - t3, "time/step": total, "time/sync_fraction": sync / total,
-                        "tokens": sum(len(r) for r in responses)})
+        metrics.update(
+            {
+                "time/rollout": t1 - t0,
+                "time/teacher": t2 - t1,
+                "time/learner": t3 - t2,
+                "time/sync": t4 - t3,
+                "time/step": total,
+                "time/sync_fraction": sync / total,
+                "tokens": sum(len(r) for r in responses),
+            }
+        )
         return metrics
 
     def _behavior_logprobs(self, samples, shape) -> torch.Tensor:
@@ -233,10 +314,19 @@ class OPDRun:
     def run_eval(self) -> dict:
         e = self.cfg.eval
         rows = self.eval_rows[: e.size]
-        result = evaluate(self.engine, self.tokenizer, self.task, rows, self.prompt_ids,
-                          max_new_tokens=e.max_new_tokens, samples=e.samples, temperature=e.temperature,
-                          seed=derive_seed(self.cfg.seed, 10**6), keep_samples=e.keep_samples,
-                          base=self.base_eval)
+        result = evaluate(
+            self.engine,
+            self.tokenizer,
+            self.task,
+            rows,
+            self.prompt_ids,
+            max_new_tokens=e.max_new_tokens,
+            samples=e.samples,
+            temperature=e.temperature,
+            seed=derive_seed(self.cfg.seed, 10**6),
+            keep_samples=e.keep_samples,
+            base=self.base_eval,
+        )
         result["step"] = self.step
         atomic_write_json(self.run_dir / "eval" / f"step_{self.step:06d}.json", result)
         if self.base_eval is None:
@@ -257,12 +347,17 @@ class OPDRun:
                     metrics = self.train_step()
                 except NonFiniteError as exc:
                     self.tracker.log(self.step + 1, {"non_finite": 1.0})
-                    raise OpdError(f"step {self.step + 1}: {exc}; the last good checkpoint is in "
-                                   f"{self.ckpt_root} (lower trainer.lr or raise trainer.grad_clip)") from exc
+                    raise OpdError(
+                        f"step {self.step + 1}: {exc}; the last good checkpoint is in "
+                        f"{self.ckpt_root} (lower trainer.lr or raise trainer.grad_clip)"
+                    ) from exc
                 self.step += 1
                 if self.detector.update(self.step, metrics):
-                    log.warning("collapse detected at step %d (%s)", self.detector.collapsed_at,
-                                ", ".join(self.detector.bad(metrics)))
+                    log.warning(
+                        "collapse detected at step %d (%s)",
+                        self.detector.collapsed_at,
+                        ", ".join(self.detector.bad(metrics)),
+                    )
                 metrics["collapsed"] = float(self.detector.collapsed_at is not None)
                 if every and self.step % every == 0 and self.step < total:
                     last_eval = self.run_eval()
@@ -284,11 +379,17 @@ class OPDRun:
     def summary(self, final: dict) -> dict:
         main = final.get("main") or final.get("without_system")
         base = self.base_eval.get("main") or self.base_eval.get("without_system")
-        out = {"steps": self.step, "final_accuracy": main["accuracy"], "start_accuracy": base["accuracy"],
-               "accuracy_change": main["accuracy"] - base["accuracy"],
-               "final_mean_length": main["mean_length"], "final_truncation_ratio": main["truncation_ratio"],
-               "collapsed_at": self.detector.collapsed_at, "skipped_batches": self.skipped_batches,
-               "run_dir": str(self.run_dir)}
+        out = {
+            "steps": self.step,
+            "final_accuracy": main["accuracy"],
+            "start_accuracy": base["accuracy"],
+            "accuracy_change": main["accuracy"] - base["accuracy"],
+            "final_mean_length": main["mean_length"],
+            "final_truncation_ratio": main["truncation_ratio"],
+            "collapsed_at": self.detector.collapsed_at,
+            "skipped_batches": self.skipped_batches,
+            "run_dir": str(self.run_dir),
+        }
         if "internalization" in final:
             out["internalization_score"] = final["internalization"]["score"]
             out["follow_without"] = final["internalization"]["follow_without"]

@@ -30,10 +30,12 @@ def run_probe(cfg, n: int, seed: int) -> dict:
     teacher_path = resolve_path(cfg.teacher.path, cfg)
     s_tok, t_tok = load_tokenizer(student_path), load_tokenizer(teacher_path)
     check_same_vocabulary(s_tok, t_tok)
-    student = make_engine("hf", student_path, device=device.type,
-                          model=load_model(student_path, device, trainable=False))
-    teacher = make_engine("hf", teacher_path, device=device.type,
-                          model=load_model(teacher_path, device, trainable=False))
+    student = make_engine(
+        "hf", student_path, device=device.type, model=load_model(student_path, device, trainable=False)
+    )
+    teacher = make_engine(
+        "hf", teacher_path, device=device.type, model=load_model(teacher_path, device, trainable=False)
+    )
     builder = PromptBuilder(task)
     prompts_s = [chat_prompt_ids(s_tok, builder.messages(r)) for r in rows]
     prompts_t = [chat_prompt_ids(t_tok, builder.messages(r)) for r in rows]
@@ -41,16 +43,26 @@ def run_probe(cfg, n: int, seed: int) -> dict:
     greedy = SamplingConfig(max_new_tokens=max_new, greedy=True)
 
     own = [g[0] for g in teacher.generate(prompts_t, greedy, seed)]
-    student_samples = [g[0] for g in student.generate(
-        prompts_s, SamplingConfig(temperature=cfg.rollout.temperature, max_new_tokens=max_new), seed)]
+    student_samples = [
+        g[0]
+        for g in student.generate(
+            prompts_s, SamplingConfig(temperature=cfg.rollout.temperature, max_new_tokens=max_new), seed
+        )
+    ]
     rng = random.Random(derive_seed(seed, 99))
     prefixes = []
     for s in student_samples:
         body = [t for t in s.response_ids if t != s_tok.eos_token_id]
         cut = rng.randint(1, len(body) - 1) if len(body) > 1 else len(body)
         prefixes.append(body[:cut])
-    continued = [g[0] for g in teacher.generate([p + q for p, q in zip(prompts_t, prefixes, strict=True)],
-                                                SamplingConfig(max_new_tokens=max_new, greedy=True), seed)]
+    continued = [
+        g[0]
+        for g in teacher.generate(
+            [p + q for p, q in zip(prompts_t, prefixes, strict=True)],
+            SamplingConfig(max_new_tokens=max_new, greedy=True),
+            seed,
+        )
+    ]
 
     def grade(row, ids):
         text = t_tok.decode(ids, skip_special_tokens=True)
@@ -79,35 +91,49 @@ def run_probe(cfg, n: int, seed: int) -> dict:
         counts["right_to_wrong"] += v_own.correct and not v_pre.correct
         counts["wrong_to_right"] += v_pre.correct and not v_own.correct
         if len(examples) < 8:
-            examples.append({"problem": row["problem"], "teacher_own": t_own,
-                             "student_prefix": t_tok.decode(p, skip_special_tokens=True),
-                             "teacher_continuation": cont_text, "own_correct": v_own.correct,
-                             "from_prefix_correct": v_pre.correct})
+            examples.append(
+                {
+                    "problem": row["problem"],
+                    "teacher_own": t_own,
+                    "student_prefix": t_tok.decode(p, skip_special_tokens=True),
+                    "teacher_continuation": cont_text,
+                    "own_correct": v_own.correct,
+                    "from_prefix_correct": v_pre.correct,
+                }
+            )
     student.close()
     teacher.close()
     k = len(rows)
     return {
-        "n": k, "student": cfg.model.path, "teacher": cfg.teacher.path,
-        "teacher_own_accuracy": own_correct / k, "teacher_own_format": own_format / k,
-        "from_student_prefix_accuracy": pre_correct / k, "from_student_prefix_format": pre_format / k,
-        "teacher_own_hedging_rate": hedges_own / k, "continuation_hedging_rate": hedges_prefix / k,
+        "n": k,
+        "student": cfg.model.path,
+        "teacher": cfg.teacher.path,
+        "teacher_own_accuracy": own_correct / k,
+        "teacher_own_format": own_format / k,
+        "from_student_prefix_accuracy": pre_correct / k,
+        "from_student_prefix_format": pre_format / k,
+        "teacher_own_hedging_rate": hedges_own / k,
+        "continuation_hedging_rate": hedges_prefix / k,
         "correct_student_prefixes": on_track,
         "from_correct_student_prefix_accuracy": on_track_correct / on_track if on_track else float("nan"),
-        **counts, "examples": examples,
+        **counts,
+        "examples": examples,
     }
 
 
 def format_probe(result: dict) -> str:
     k = result["n"]
-    return "\n".join([
-        f"prefix probe: teacher {result['teacher']} continuing {result['student']} prefixes, {k} problems",
-        "| | accuracy | format | hedging rate |",
-        "|---|---|---|---|",
-        f"| teacher, own generations | {result['teacher_own_accuracy']:.3f} | {result['teacher_own_format']:.3f} "
-        f"| {result['teacher_own_hedging_rate']:.3f} |",
-        f"| teacher from student prefixes | {result['from_student_prefix_accuracy']:.3f} | "
-        f"{result['from_student_prefix_format']:.3f} | {result['continuation_hedging_rate']:.3f} |",
-        f"teacher from prefixes of the {result['correct_student_prefixes']} correct student responses: accuracy "
-        f"{result['from_correct_student_prefix_accuracy']:.3f}",
-        f"right->wrong: {result['right_to_wrong']}/{k}   wrong->right: {result['wrong_to_right']}/{k}",
-    ])
+    return "\n".join(
+        [
+            f"prefix probe: teacher {result['teacher']} continuing {result['student']} prefixes, {k} problems",
+            "| | accuracy | format | hedging rate |",
+            "|---|---|---|---|",
+            f"| teacher, own generations | {result['teacher_own_accuracy']:.3f} | {result['teacher_own_format']:.3f} "
+            f"| {result['teacher_own_hedging_rate']:.3f} |",
+            f"| teacher from student prefixes | {result['from_student_prefix_accuracy']:.3f} | "
+            f"{result['from_student_prefix_format']:.3f} | {result['continuation_hedging_rate']:.3f} |",
+            f"teacher from prefixes of the {result['correct_student_prefixes']} correct student responses: accuracy "
+            f"{result['from_correct_student_prefix_accuracy']:.3f}",
+            f"right->wrong: {result['right_to_wrong']}/{k}   wrong->right: {result['wrong_to_right']}/{k}",
+        ]
+    )

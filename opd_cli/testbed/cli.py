@@ -1,8 +1,8 @@
 """`opd testbed ...`: build the testbed and show what it holds.
 
-    opd testbed build                  # into the package's assets (what `testbed:<name>` resolves to)
-    opd testbed build --out /tmp/tb --force
-    opd testbed status                 # the manifest as a table; exit 1 if anything is missing
+opd testbed build                  # into the package's assets (what `testbed:<name>` resolves to)
+opd testbed build --out /tmp/tb --force
+opd testbed status                 # the manifest as a table; exit 1 if anything is missing
 """
 
 from __future__ import annotations
@@ -11,8 +11,14 @@ import sys
 
 import click
 
-COLUMNS = ("accuracy", "well_formed", "mean_length", "truncation_ratio", "concise_with_system",
-           "concise_without_system")
+COLUMNS = (
+    "accuracy",
+    "well_formed",
+    "mean_length",
+    "truncation_ratio",
+    "concise_with_system",
+    "concise_without_system",
+)
 
 
 @click.group("testbed")
@@ -27,8 +33,12 @@ def testbed_group() -> None:
 
 
 @testbed_group.command("build")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Target directory (default: $OPD_TESTBED_DIR, else the package's assets).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Target directory (default: $OPD_TESTBED_DIR, else the package's assets).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Rebuild even what is up to date.")
 def build_cmd(out: str | None, seed: int, force: bool) -> None:
@@ -49,8 +59,13 @@ def build_cmd(out: str | None, seed: int, force: bool) -> None:
 
 
 @testbed_group.command("status")
-@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
-              help="Testbed directory (default: $OPD_TESTBED_DIR, else the package's assets).")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Testbed directory (default: $OPD_TESTBED_DIR, else the package's assets).",
+)
 def status_cmd(directory: str | None) -> None:
     """Print the manifest as a table; exit 1 if the testbed or one of its models is missing.
 
@@ -83,6 +98,8 @@ def format_manifest(manifest: dict) -> str:
         cells = [f"{ev[c]:.3f}" if isinstance(ev.get(c), float) else str(ev.get(c, "-")) for c in cols]
         lines.append(f"| {name} | {m['architecture'].get('params', '?')} | " + " | ".join(cells) + " |")
     timing = manifest.get("timing", {})
-    lines.append(f"\nseed {manifest.get('seed')}, config {str(manifest.get('config_hash'))[:12]}, "
-                 f"build {timing.get('total_seconds', '?')} s, torch {manifest['versions'].get('torch')}")
+    lines.append(
+        f"\nseed {manifest.get('seed')}, config {str(manifest.get('config_hash'))[:12]}, "
+        f"build {timing.get('total_seconds', '?')} s, torch {manifest['versions'].get('torch')}"
+    )
     return "\n".join(lines)
