@@ -166,7 +166,7 @@ class Config:
     seed: int = 0
     resume: str | None = None
     overwrite: bool = False
-    testbed_dir: str | None = None  # None = $OPD_TESTBED_DIR or ~/.cache/opd/testbed
+    testbed_dir: str | None = None  # None = $OPD_TESTBED_DIR, else the checkpoints shipped in the package
 
 
 def register_configs() -> None:

@@ -31,6 +31,15 @@ FIGURES = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Training results depend on the thread count; the testbed builds single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def manifest() -> dict:
     path = ASSETS / paths.MANIFEST
@@ -220,7 +229,6 @@ def test_sft_train_reduces_loss(tok):
     from opd_cli.batching import pack
     from opd_cli.stages.sft import response_nll, tokenize_examples
 
-    torch.set_num_threads(1)
     examples = [([{"role": "user", "content": f"Q:{i}"}], f"{i}+{i}={2 * i}") for i in range(8)]
     examples += [([], "abc;abc;")]  # a bare response (pretraining strings)
     model = _tiny_model(tok)
@@ -235,7 +243,6 @@ def test_sft_train_reduces_loss(tok):
 
 
 def test_sft_train_is_deterministic(tok):
-    torch.set_num_threads(1)
     examples = [([{"role": "user", "content": f"Q:{i}"}], f"A:{i}") for i in range(6)]
     runs = []
     for _ in range(2):
@@ -260,7 +267,7 @@ def test_clipped_pg_loss():
     mask = torch.tensor([[True, True, False]])
     loss, info = clipped_pg_loss(logp, old, torch.tensor([1.0]), mask, clip_eps=0.2)
     # token 0: ratio 1 -> 1; token 1: ratio 2, clipped to 1.2 (positive advantage); token 2 is padding
-    assert float(loss) == pytest.approx(-(1.0 + 1.2) / 2)
+    assert float(loss.detach()) == pytest.approx(-(1.0 + 1.2) / 2)
     assert info["clip_frac"] == pytest.approx(0.5)
     loss.backward()
     assert logp.grad[0, 1] == 0 and logp.grad[0, 2] == 0 and logp.grad[0, 0] < 0
@@ -271,7 +278,6 @@ def test_grpo_train_one_step(tok):
     from opd_cli.rollout.hf_engine import HFEngine
     from opd_cli.testbed.build import load
 
-    torch.set_num_threads(1)
     if not (ASSETS / "student_sft" / "model.safetensors").is_file():
         pytest.fail("no shipped student_sft")
     model = load(ASSETS / "student_sft")

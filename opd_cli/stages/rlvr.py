@@ -13,7 +13,9 @@ One step:
    group is uniform (all right or all wrong: no signal about which sample is better);
 4. loss: the PPO clipped surrogate with the ratio against the rollout log-probs,
    -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), averaged over all response tokens of the batch
-   (token mean). `updates_per_step` > 1 splits the rollouts into that many minibatches (each one
+   (token mean). Samples with zero advantage (uniform groups) carry no gradient and are left out of the
+   batch, so the token mean runs over the informative samples' tokens; a step with no informative group
+   is skipped and counted (`skipped_steps`). `updates_per_step` > 1 splits the rollouts into that many minibatches (each one
    optimizer step), so later minibatches are off-policy and the clip matters;
 5. weight sync: the engine receives the new weights.
 

@@ -10,7 +10,7 @@ What gets built (3-digit addition with a scratchpad, `opd_cli.tasks.arith`; char
   student_base   2 layers x 64, pretrained by `sft_train` on generic strings of the task alphabet only:
                  it knows the characters, not the task, so its task rollouts are malformed.
   student_sft    2 x 64, SFT on verified student-style traces, stopped early (first dev evaluation at or
-                 above `stop_at`) so it is well formed but only ~65-80% accurate: room for distillation.
+                 above `stop_at`) so it is well formed but only ~70% accurate: room for distillation.
                  Trained from scratch, not from student_base: on this task the generic-string pretraining
                  slowed SFT several-fold (dev accuracy after 500 steps at lr 1e-3: 12% from student_base vs
                  85% from scratch), a cost the build budget cannot pay; student_base stays the analogue of
@@ -22,8 +22,10 @@ What gets built (3-digit addition with a scratchpad, `opd_cli.tasks.arith`; char
   opsd_base      2 x 64, SFT on a mixture in which some prompts carry privileged information in the OPSD
                  teacher formats of conf/teacher/self_*.yaml: a hint line (`{problem}\\nH:{answer}`; with a
                  hint it answers directly `A:<answer>` half of the time), a reference solution
-                 (`{problem}\\nR:{solution}`) or the system line `S:concise` (concise scratchpad). Without
-                 PI it writes the full scratchpad at student_sft-like accuracy.
+                 (`{problem}\\nR:{solution}`) or the system line `S:concise` (concise scratchpad, also
+                 continued from full-style prefixes). Without PI it writes the full scratchpad. It trains
+                 until the concise scratchpad is >= 90% accurate under `S:concise`, so the full one is
+                 ~90% too (stronger than student_sft: at this size concise is learned much later).
 
 Determinism: every step seeds itself from (seed, step name), runs single-threaded (results do not depend
 on the machine's core count) and trains on data generated from the seed, so the same seed gives the same
