@@ -13,6 +13,7 @@ naming the key, the value and what is allowed, exit code 2, before any output di
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import click
 
 from opd_cli.errors import OpdError, UsageError
+from opd_cli.grid import expand_grid
 
 # Defaults that must be in place before vllm/wandb/tokenizers are imported anywhere.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -132,6 +134,13 @@ def compose(overrides: list[str]):
     return cfg
 
 
+@functools.cache
+def cell_choices(cell: str) -> dict[str, str]:
+    """The config-group choices of one experiment preset (for grid slicing); composed once per process."""
+    cfg = compose([f"experiment={cell}"])
+    return {k: str(v) for k, v in cfg.hydra.runtime.choices.items()}
+
+
 def check_run_dir_free(cfg) -> None:
     """An explicit hydra.run.dir that already holds a run is refused before Hydra rewrites its config."""
     run_dir = Path(cfg.hydra.run.dir)
@@ -219,6 +228,16 @@ def run_cmd(ctx: click.Context) -> None:
         if full != overrides:
             args = [a for a in args if a not in overrides] + full
             overrides = full
+        expansion = expand_grid(overrides, multirun, conf_dir(), cell_choices)
+        if expansion is not None:
+            args = [a for a in args if a not in overrides] + expansion.overrides
+            overrides = expansion.overrides
+            picked = f" selected by {' '.join(expansion.filters)}" if expansion.filters else ""
+            click.echo(
+                f"grid {','.join(expansion.grids)}: {len(expansion.cells)} of {expansion.total} cells{picked}: "
+                + ", ".join(expansion.cells),
+                err=True,
+            )
         if "--help" not in args:
             prevalidate(overrides, multirun, writes=not ({"--cfg", "-c", "--info"} & set(args)))
     except OpdError as exc:

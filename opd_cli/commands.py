@@ -81,8 +81,44 @@ def probe_cmd(overrides: tuple[str, ...], n: int, seed: int, out: str) -> None:
     click.echo(f"results: {out}")
 
 
+@click.command("report")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where report.md/.html/.json and the PNGs go (default: the first directory).",
+)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG curves.")
+def report_cmd(dirs: tuple[Path, ...], out: Path | None, no_plots: bool) -> None:
+    """Summarize a sweep: matrix table (mean ± sd over seeds), verdict per cell vs the paper's, plots.
+
+    \b
+    Examples:
+      opd report multirun/2026-11-29/10-00-00-000000
+      opd report multirun/seed0 multirun/seed1 --out experiments/matrix
+    """
+    from opd_cli.cli import fail
+    from opd_cli.report import build_report, markdown_table, matrix_rows
+
+    try:
+        report, _ = build_report(list(dirs), out or dirs[0], plots=not no_plots)
+    except OpdError as exc:
+        fail(str(exc))
+    header, rows = matrix_rows(report.cells)
+    keep = [
+        header.index(h)
+        for h in ("cell", "seeds", "final acc", "change", "verdict (per seed)", "paper", "match")
+    ]
+    click.echo(markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in rows]))
+    failed = [j for j in report.jobs if j.status == "failed"]
+    for j in failed:
+        click.echo(f"failed: {j.path}: {j.error}", err=True)
+    click.echo(f"report: {(out or dirs[0]) / 'report.md'}")
+
+
 def all_commands() -> list[click.Command]:
     from opd_cli.bench.cli import bench_group
     from opd_cli.testbed.cli import testbed_group
 
-    return [bench_group, eval_cmd, probe_cmd, testbed_group]
+    return [bench_group, eval_cmd, probe_cmd, report_cmd, testbed_group]

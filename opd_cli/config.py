@@ -140,12 +140,22 @@ class LoggerConfig:
     group: str | None = None
 
 
+VERDICTS = ("improves", "stable", "degrades", "collapses")
+
+
 @dataclass
 class CellConfig:
     """What a grid cell claims: the paper's verdict, written in the experiment preset."""
 
     name: str = "default"
     paper_verdict: str = ""  # improves | stable | degrades | collapses | ""
+    paper_claim: str = ""  # the paper's own words for this cell (../shared/PAPER.md, "The grid")
+    axis: str = ""  # which grid question the cell answers: loss | teacher | stabilization | opsd | recipe
+    # A comparative claim: this cell ends with higher accuracy than `better_than` (a cell name), e.g.
+    # the RLVR-adapted teacher beats the off-the-shelf one under the same loss.
+    better_than: str | None = None
+    # Which figure decides the verdict: accuracy (greedy eval) or internalization (OPSD with a shared rule)
+    metric: str = "accuracy"
     description: str = ""
 
 
@@ -265,6 +275,8 @@ def validate(cfg: DictConfig | Config) -> None:
     if c.trainer.lr <= 0:
         raise ConfigError(f"trainer.lr={c.trainer.lr!r} must be > 0")
     _one_of("trainer.schedule", c.trainer.schedule, ("constant", "cosine", "linear"))
+    _one_of("cell.paper_verdict", c.cell.paper_verdict, ("", *VERDICTS))
+    _one_of("cell.metric", c.cell.metric, ("accuracy", "internalization"))
     _one_of("stabilization.schedule", c.stabilization.schedule, ("constant", "cosine", "linear"))
     if not 0.0 <= c.trainer.warmup_ratio < 1.0:
         raise ConfigError(f"trainer.warmup_ratio={c.trainer.warmup_ratio!r} must be in [0, 1)")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -25,8 +27,28 @@ from opd_cli.io import atomic_write_text
 
 log = logging.getLogger("opd")
 
-# (run_dir, status, error) of every job this process ran: the basic launcher runs jobs in-process.
-_outcomes: list[tuple[Path, str, str | None]] = []
+# (run_dir, status, error) of every job of a launch. Jobs may run in other processes (joblib, submitit
+# local), so each job appends one JSON line to the file named by $OPD_OUTCOMES, which `launch` reads back.
+OUTCOMES_ENV = "OPD_OUTCOMES"
+
+
+def _record(run_dir: Path, status: str, error: str | None) -> None:
+    path = os.environ.get(OUTCOMES_ENV)
+    if path:
+        line = json.dumps({"run_dir": str(run_dir), "status": status, "error": error}) + "\n"
+        with open(path, "a") as f:  # one short O_APPEND write per job: no interleaving
+            f.write(line)
+
+
+def _read_outcomes(path: Path) -> list[tuple[Path, str, str | None]]:
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        out.append((Path(d["run_dir"]), d["status"], d["error"]))
+    return out
 
 
 def write_status(run_dir: Path, status: str, error: str | None = None, **extra) -> None:
@@ -55,7 +77,7 @@ def _job(cfg: DictConfig) -> dict | None:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.error("run failed: %s", message)
         write_status(run_dir, "failed", message)
-        _outcomes.append((run_dir, "failed", message))
+        _record(run_dir, "failed", message)
         if multirun:
             return None
         if _is_fresh(run_dir):  # failed during setup: leave nothing half-written behind
@@ -67,30 +89,39 @@ def _job(cfg: DictConfig) -> dict | None:
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         log.error("run crashed: %s\n%s", message, traceback.format_exc())
         write_status(run_dir, "failed", message)
-        _outcomes.append((run_dir, "failed", message))
+        _record(run_dir, "failed", message)
         if multirun:
             return None
         raise
     write_status(run_dir, "ok", None, summary=summary)
-    _outcomes.append((run_dir, "ok", None))
+    _record(run_dir, "ok", None)
     return summary
 
 
 def launch(args: list[str], conf_dir: Path, multirun: bool) -> int:
     """Run Hydra's app with `args` (overrides and flags); return the process exit code."""
     register_configs()
-    _outcomes.clear()
     argv = sys.argv
     sys.argv = ["opd run", *args]
+    fd, outcomes_file = tempfile.mkstemp(prefix="opd-outcomes-", suffix=".jsonl")
+    os.close(fd)
+    previous = os.environ.get(OUTCOMES_ENV)
+    os.environ[OUTCOMES_ENV] = outcomes_file
     try:
         hydra.main(config_path=str(conf_dir), config_name="config", version_base="1.3")(_job)()
+        outcomes = _read_outcomes(Path(outcomes_file))
     finally:
         sys.argv = argv
-    failed = [o for o in _outcomes if o[1] == "failed"]
-    if multirun and _outcomes:
+        Path(outcomes_file).unlink(missing_ok=True)
+        if previous is None:
+            os.environ.pop(OUTCOMES_ENV, None)
+        else:
+            os.environ[OUTCOMES_ENV] = previous
+    failed = [o for o in outcomes if o[1] == "failed"]
+    if multirun and outcomes:
         print(
-            f"multirun: {len(_outcomes) - len(failed)} ok, {len(failed)} failed; "
-            f"outputs in {_outcomes[0][0].parent}"
+            f"multirun: {len(outcomes) - len(failed)} ok, {len(failed)} failed; "
+            f"outputs in {outcomes[0][0].parent}"
         )
         for run_dir, _, error in failed:
             print(f"  failed: {run_dir}: {error}", file=sys.stderr)
