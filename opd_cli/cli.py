@@ -185,6 +185,35 @@ def with_resume_overrides(overrides: list[str]) -> list[str]:
     )
 
 
+def join_torchrun_group(args: list[str], overrides: list[str], multirun: bool) -> list[str]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group and give every rank rank 0's run
+    directory; ranks > 0 write no Hydra files or logs. Unchanged args outside torchrun."""
+    from opd_cli import distributed
+
+    if not distributed.launched_by_torchrun():
+        return args
+    if multirun:
+        raise UsageError(
+            "torchrun runs one job on all its ranks; for a sweep of data-parallel jobs use "
+            "opd run -m ... trainer.nproc=N (each job starts its own ranks)"
+        )
+    cfg = compose(overrides)
+    if cfg.trainer.nproc not in (1, distributed.int_env("WORLD_SIZE")):
+        raise UsageError(
+            f"trainer.nproc={cfg.trainer.nproc} but torchrun started {distributed.int_env('WORLD_SIZE')} "
+            f"ranks; drop trainer.nproc (torchrun sets the world size)"
+        )
+    import torch
+
+    cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+    distributed.init_from_env("cuda" if cuda else "cpu")
+    run_dir = distributed.broadcast_object(str(Path(cfg.hydra.run.dir).resolve()))
+    extra = [f"hydra.run.dir={run_dir}"]
+    if not distributed.is_main():
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return [*args, *extra]
+
+
 @main.command(
     "run",
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
@@ -221,6 +250,8 @@ def run_cmd(ctx: click.Context) -> None:
             overrides = full
         if "--help" not in args:
             prevalidate(overrides, multirun, writes=not ({"--cfg", "-c", "--info"} & set(args)))
+        if "--help" not in args and not {"--cfg", "-c", "--info"} & set(args):
+            args = join_torchrun_group(args, overrides, multirun)
     except OpdError as exc:
         if _debug():
             raise

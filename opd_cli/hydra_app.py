@@ -45,12 +45,22 @@ def _job(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    write_status(run_dir, "running", job=hc.job.name, overrides=list(hc.overrides.task))
-    try:
+    from opd_cli import distributed
+
+    if not distributed.is_main():  # a torchrun rank > 0: rank 0 owns the run directory
         validate(cfg)
         from opd_cli.pipeline import run_stage
 
-        summary = run_stage(cfg, run_dir)
+        return run_stage(cfg, run_dir)
+    write_status(run_dir, "running", job=hc.job.name, overrides=list(hc.overrides.task))
+    try:
+        validate(cfg)
+        from opd_cli.pipeline import run_data_parallel, run_stage
+
+        if cfg.trainer.nproc > 1 and not distributed.launched_by_torchrun():
+            summary = run_data_parallel(cfg, run_dir)
+        else:
+            summary = run_stage(cfg, run_dir)
     except OpdError as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.error("run failed: %s", message)
