@@ -118,6 +118,17 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in combos]
 
 
+def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Every job of a command line: the sweep of the command line and of `hydra.sweeper.params` set in
+    the config (an experiment file's grid); the command line wins for a key set in both."""
+    if not multirun:
+        return [overrides]
+    params = compose(expand_sweeps(overrides)[0]).hydra.sweeper.get("params") or {}
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    extra = [f"{key}={value}" for key, value in params.items() if key not in given]
+    return expand_sweeps([*overrides, *extra])
+
+
 def compose(overrides: list[str]):
     """Compose and validate one job's config with the Compose API (no output directory is created)."""
     from hydra import compose as hydra_compose
@@ -148,8 +159,7 @@ def prevalidate(overrides: list[str], multirun: bool, writes: bool = True) -> No
     from opd_cli.errors import explain_config_exception
 
     try:
-        combos = expand_sweeps(overrides) if multirun else [overrides]
-        for combo in combos:
+        for combo in job_overrides(overrides, multirun):
             cfg = compose(combo)
         if writes and not multirun:
             check_run_dir_free(cfg)
@@ -230,6 +240,7 @@ def run_cmd(ctx: click.Context) -> None:
       opd run -m loss=topk_rkl,topk_rkl_stopgrad seed=0,1,2
       opd run -m experiment=matrix seed=0,1,2 hydra/launcher=submitit_slurm
       opd run --cfg job                                    # print the composed config
+      opd run experiment=qwen3_opd_8b_topk --dry-run       # the memory plan per device, no run
       opd run resume=outputs/2026-11-29/10-00-00-000000    # continue a killed run
     \b
     Groups: task, model, teacher, loss, stabilization, rollout, eval, logger, experiment.
@@ -242,6 +253,17 @@ def run_cmd(ctx: click.Context) -> None:
         return
     if "--hydra-help" in args:
         args = ["--help" if a == "--hydra-help" else a for a in args]
+    if "--dry-run" in args:  # the memory plan only: compose, print, check the fit
+        from opd_cli.commands import print_plans
+
+        overrides, multirun = split_hydra_args([a for a in args if a != "--dry-run"])
+        try:
+            print_plans(overrides, multirun)
+        except OpdError as exc:
+            if _debug():
+                raise
+            fail(str(exc))
+        return
     try:
         overrides, multirun = split_hydra_args(args)
         full = with_resume_overrides(overrides)

@@ -32,6 +32,9 @@ class TaskConfig:
     eval_path: str | None = None
     eval_split: str = "test"
     fields: dict[str, str] = field(default_factory=dict)  # our field -> dataset column
+    # math: a regex whose group "problem" cuts the problem out of a prompt column that wraps it in a
+    # dataset's own instructions (rows that do not match keep the whole text)
+    problem_regex: str | None = None
     train_size: int = 4096
     eval_size: int = 200
     data_seed: int = 1234  # the task's data is fixed across training seeds
