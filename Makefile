@@ -11,7 +11,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast lint testbed testbed-status probe bench-loss clean
+.PHONY: install run test test-fast lint testbed testbed-status probe bench-loss matrix matrix-report clean
 
 install: $(STAMP)
 
@@ -54,6 +54,21 @@ testbed-status: install
 probe: install
 	$(BIN)/opd probe -n 200 --out experiments/probe_teacher_large.json
 	$(BIN)/opd probe teacher=rlvr -n 200 --out experiments/probe_teacher_rlvr.json
+
+# The paper's failure/fix matrix on the testbed: 14 cells x 3 seeds, MATRIX_JOBS single-threaded jobs at a
+# time, then the report (table, verdicts, plots) into experiments/matrix/. ~1 h on 2 cores.
+MATRIX_SEEDS ?= 0,1,2
+MATRIX_JOBS ?= 2
+MATRIX_DIR := $(or $(MATRIX_DIR),multirun/matrix-$(shell date +%Y%m%d-%H%M%S))
+MATRIX_OUT ?= experiments/matrix
+matrix: install
+	OMP_NUM_THREADS=1 $(BIN)/opd run -m experiment=matrix seed=$(MATRIX_SEEDS) hydra/launcher=joblib \
+		hydra.launcher.n_jobs=$(MATRIX_JOBS) hydra.sweep.dir=$(MATRIX_DIR)
+	$(BIN)/opd report $(MATRIX_DIR) --out $(MATRIX_OUT)
+
+# Re-render the report of an existing sweep: make matrix-report MATRIX_DIR=multirun/matrix-...
+matrix-report: install
+	$(BIN)/opd report $(MATRIX_DIR) --out $(MATRIX_OUT)
 
 # Chunked vs naive loss at Qwen3's vocabulary (V=151,936, hidden 2048, 4096 tokens): ~12 GB RAM, ~30 min.
 bench-loss: install

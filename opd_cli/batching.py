@@ -81,3 +81,16 @@ def response_hidden_and_logits(model: torch.nn.Module, batch: PackedBatch, *, lo
     if not logits:
         return hidden, None
     return hidden, model.get_output_embeddings()(hidden)
+
+
+class ResponseForward(torch.nn.Module):
+    """The learner's forward as a module, so DDP / FSDP wrap exactly what the loss differentiates:
+    `forward(input_ids, attention_mask, response_index, logits)` -> (hidden [B,T,H], logits [B,T,V] | None)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, response_index, logits: bool = True):
+        batch = PackedBatch(input_ids, attention_mask, response_index, response_index, attention_mask)
+        return response_hidden_and_logits(self.lm, batch, logits=logits)

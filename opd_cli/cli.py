@@ -120,6 +120,17 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in combos]
 
 
+def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Every job of a command line: the sweep of the command line and of `hydra.sweeper.params` set in
+    the config (an experiment file's grid); the command line wins for a key set in both."""
+    if not multirun:
+        return [overrides]
+    params = compose(expand_sweeps(overrides)[0]).hydra.sweeper.get("params") or {}
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    extra = [f"{key}={value}" for key, value in params.items() if key not in given]
+    return expand_sweeps([*overrides, *extra])
+
+
 def compose(overrides: list[str]):
     """Compose and validate one job's config with the Compose API (no output directory is created)."""
     from hydra import compose as hydra_compose
@@ -157,8 +168,7 @@ def prevalidate(overrides: list[str], multirun: bool, writes: bool = True) -> No
     from opd_cli.errors import explain_config_exception
 
     try:
-        combos = expand_sweeps(overrides) if multirun else [overrides]
-        for combo in combos:
+        for combo in job_overrides(overrides, multirun):
             cfg = compose(combo)
         if writes and not multirun:
             check_run_dir_free(cfg)
@@ -194,6 +204,35 @@ def with_resume_overrides(overrides: list[str]) -> list[str]:
     )
 
 
+def join_torchrun_group(args: list[str], overrides: list[str], multirun: bool) -> list[str]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group and give every rank rank 0's run
+    directory; ranks > 0 write no Hydra files or logs. Unchanged args outside torchrun."""
+    from opd_cli import distributed
+
+    if not distributed.launched_by_torchrun():
+        return args
+    if multirun:
+        raise UsageError(
+            "torchrun runs one job on all its ranks; for a sweep of data-parallel jobs use "
+            "opd run -m ... trainer.nproc=N (each job starts its own ranks)"
+        )
+    cfg = compose(overrides)
+    if cfg.trainer.nproc not in (1, distributed.int_env("WORLD_SIZE")):
+        raise UsageError(
+            f"trainer.nproc={cfg.trainer.nproc} but torchrun started {distributed.int_env('WORLD_SIZE')} "
+            f"ranks; drop trainer.nproc (torchrun sets the world size)"
+        )
+    import torch
+
+    cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+    distributed.init_from_env("cuda" if cuda else "cpu")
+    run_dir = distributed.broadcast_object(str(Path(cfg.hydra.run.dir).resolve()))
+    extra = [f"hydra.run.dir={run_dir}"]
+    if not distributed.is_main():
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return [*args, *extra]
+
+
 @main.command(
     "run",
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
@@ -210,6 +249,7 @@ def run_cmd(ctx: click.Context) -> None:
       opd run -m loss=topk_rkl,topk_rkl_stopgrad seed=0,1,2
       opd run -m experiment=matrix seed=0,1,2 hydra/launcher=submitit_slurm
       opd run --cfg job                                    # print the composed config
+      opd run experiment=qwen3_opd_8b_topk --dry-run       # the memory plan per device, no run
       opd run resume=outputs/2026-11-29/10-00-00-000000    # continue a killed run
     \b
     Groups: task, model, teacher, loss, stabilization, rollout, eval, logger, experiment.
@@ -222,6 +262,17 @@ def run_cmd(ctx: click.Context) -> None:
         return
     if "--hydra-help" in args:
         args = ["--help" if a == "--hydra-help" else a for a in args]
+    if "--dry-run" in args:  # the memory plan only: compose, print, check the fit
+        from opd_cli.commands import print_plans
+
+        overrides, multirun = split_hydra_args([a for a in args if a != "--dry-run"])
+        try:
+            print_plans(overrides, multirun)
+        except OpdError as exc:
+            if _debug():
+                raise
+            fail(str(exc))
+        return
     try:
         overrides, multirun = split_hydra_args(args)
         full = with_resume_overrides(overrides)
@@ -240,6 +291,8 @@ def run_cmd(ctx: click.Context) -> None:
             )
         if "--help" not in args:
             prevalidate(overrides, multirun, writes=not ({"--cfg", "-c", "--info"} & set(args)))
+        if "--help" not in args and not {"--cfg", "-c", "--info"} & set(args):
+            args = join_torchrun_group(args, overrides, multirun)
     except OpdError as exc:
         if _debug():
             raise

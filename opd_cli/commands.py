@@ -117,8 +117,45 @@ def report_cmd(dirs: tuple[Path, ...], out: Path | None, no_plots: bool) -> None
     click.echo(f"report: {(out or dirs[0]) / 'report.md'}")
 
 
+@click.command("plan", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--prompt-tokens", type=int, default=512, show_default=True, help="Assumed prompt length.")
+def plan_cmd(overrides: tuple[str, ...], prompt_tokens: int) -> None:
+    """Print the memory plan of a recipe per device (weights, gradients, Adam, activations, logits,
+    vLLM KV cache) from the models' config.json; exit 2 when it does not fit the device memory.
+
+    \b
+    Examples:
+      opd plan experiment=qwen3_opd_8b_topk
+      opd plan experiment=qwen3_opd_8b_topk trainer.device_memory_gb=96 trainer.nproc=8
+    """
+    from opd_cli.cli import fail
+
+    try:
+        print_plans(list(overrides), multirun=False, prompt_tokens=prompt_tokens)
+    except OpdError as exc:
+        fail(str(exc))
+
+
+def print_plans(overrides: list[str], multirun: bool, prompt_tokens: int = 512) -> None:
+    """Compose every job of the command line, print its plan, raise PlanError if one does not fit."""
+    from opd_cli.cli import compose, job_overrides, prevalidate
+    from opd_cli.plan import check_fit, format_plan, memory_plan
+
+    prevalidate(overrides, multirun, writes=False)
+    plans = []
+    for combo in job_overrides(overrides, multirun):
+        plan = memory_plan(compose(combo), prompt_tokens)
+        if multirun:
+            click.echo(f"job: {' '.join(combo)}")
+        click.echo(format_plan(plan))
+        plans.append(plan)
+    for plan in plans:
+        check_fit(plan)
+
+
 def all_commands() -> list[click.Command]:
     from opd_cli.bench.cli import bench_group
     from opd_cli.testbed.cli import testbed_group
 
-    return [bench_group, eval_cmd, probe_cmd, report_cmd, testbed_group]
+    return [bench_group, eval_cmd, plan_cmd, probe_cmd, report_cmd, testbed_group]

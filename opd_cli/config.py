@@ -32,6 +32,9 @@ class TaskConfig:
     eval_path: str | None = None
     eval_split: str = "test"
     fields: dict[str, str] = field(default_factory=dict)  # our field -> dataset column
+    # math: a regex whose group "problem" cuts the problem out of a prompt column that wraps it in a
+    # dataset's own instructions (rows that do not match keep the whole text)
+    problem_regex: str | None = None
     train_size: int = 4096
     eval_size: int = 200
     data_seed: int = 1234  # the task's data is fixed across training seeds
@@ -53,6 +56,7 @@ class TeacherConfig:
     prompt_template: str = "{problem}"
     system_prompt_from_pi: bool = False  # self_pi with a shared rule: the PI is the system prompt
     dtype: str = "auto"
+    enable_thinking: bool | None = None  # the teacher's chat template; None = same as model.enable_thinking
 
 
 @dataclass
@@ -78,6 +82,7 @@ class StabilizationConfig:
     lr: float = 1e-3
     warmup_ratio: float = 0.05
     schedule: str = "cosine"
+    trace_model: str | None = None  # who writes the SFT traces (source=teacher); None = teacher.path
 
 
 @dataclass
@@ -104,6 +109,9 @@ class TrainerConfig:
     grad_clip: float = 1.0
     save_every: int = 25
     device: str = "auto"  # auto | cpu | cuda
+    nproc: int = 1  # data-parallel learner ranks started by opd (1 = this process; torchrun sets its own)
+    parallel: str = "ddp"  # ddp (full weights per rank) | fsdp (FSDP2 fully_shard: sharded weights/optimizer)
+    device_memory_gb: float | None = None  # memory per device for `opd plan`; None = detected
     # rlvr stage (GRPO)
     clip_eps: float = 0.2
     kl_coef: float = 0.0
@@ -285,6 +293,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _at_least("trainer.grad_clip", c.trainer.grad_clip, 0.0)
     _at_least("trainer.save_every", c.trainer.save_every, 1)
     _one_of("trainer.device", c.trainer.device, ("auto", "cpu", "cuda"))
+    _validate_parallel(c)
     for key in ("model.dtype", "teacher.dtype"):
         _one_of(key, eval_attr(c, key), ("auto", "float32", "bfloat16", "float16"))
     _at_least("eval.every", c.eval.every, 0)
@@ -298,6 +307,41 @@ def validate(cfg: DictConfig | Config) -> None:
     _at_least("task.eval_size", c.task.eval_size, 1)
     if c.task.name == "arith" and not 1 <= c.task.digits <= 8:
         raise ConfigError(f"task.digits={c.task.digits!r} must be in 1..8")
+
+
+def _validate_parallel(c) -> None:
+    """Data-parallel learner and rollout placement (see opd_cli/distributed.py)."""
+    tc, tp = c.trainer, c.rollout.tensor_parallel_size
+    _at_least("trainer.nproc", tc.nproc, 1)
+    _at_least("rollout.tensor_parallel_size", tp, 1)
+    _one_of("trainer.parallel", tc.parallel, ("ddp", "fsdp"))
+    if tc.device_memory_gb is not None and tc.device_memory_gb <= 0:
+        raise ConfigError(f"trainer.device_memory_gb={tc.device_memory_gb!r} must be > 0 (or null: detected)")
+    if tc.nproc > 1 and c.stage != "opd":
+        raise ConfigError(
+            f"trainer.nproc={tc.nproc} runs the OPD learner data-parallel; stage={c.stage} runs in one "
+            f"process: use trainer.nproc=1"
+        )
+    if tp > 1 and c.rollout.engine != "vllm":
+        raise ConfigError(
+            f"rollout.tensor_parallel_size={tp} shards the vLLM engine; rollout={c.rollout.engine} has no "
+            f"tensor parallelism: use rollout=vllm or rollout.tensor_parallel_size=1"
+        )
+    if tc.nproc > 1 and tc.nproc % tp:
+        raise ConfigError(
+            f"trainer.nproc={tc.nproc} is not a multiple of rollout.tensor_parallel_size={tp}: every group "
+            f"of {tp} ranks shares one vLLM engine"
+        )
+    if tc.parallel == "fsdp" and c.rollout.engine == "hf":
+        raise ConfigError(
+            "trainer.parallel=fsdp with rollout=hf: generate() on a sharded model would need every rank "
+            "to decode in lockstep; use rollout=vllm or trainer.parallel=ddp"
+        )
+    if tc.parallel == "fsdp" and c.loss.chunk_size > 0:
+        raise ConfigError(
+            "trainer.parallel=fsdp with loss.chunk_size>0: the chunked loss reads the LM head outside the "
+            "sharded forward; use loss.chunk_size=0 or trainer.parallel=ddp"
+        )
 
 
 def eval_attr(obj: Any, dotted: str) -> Any:

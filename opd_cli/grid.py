@@ -57,7 +57,10 @@ def expand_grid(overrides: list[str], multirun: bool, conf_dir: Path, choices_of
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - a bad override: prevalidation reports it in one line
+        return None
     exp = [o for o in parsed if o.get_key_element().lstrip("+") == "experiment"]
     if not exp:
         return None

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -67,16 +68,27 @@ def _job(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    write_status(run_dir, "running", job=hc.job.name, overrides=list(hc.overrides.task))
-    try:
+    from opd_cli import distributed
+
+    if not distributed.is_main():  # a torchrun rank > 0: rank 0 owns the run directory
         validate(cfg)
         from opd_cli.pipeline import run_stage
 
-        summary = run_stage(cfg, run_dir)
+        return run_stage(cfg, run_dir)
+    write_status(run_dir, "running", job=hc.job.name, overrides=list(hc.overrides.task))
+    started = time.monotonic()
+    try:
+        validate(cfg)
+        from opd_cli.pipeline import run_data_parallel, run_stage
+
+        if cfg.trainer.nproc > 1 and not distributed.launched_by_torchrun():
+            summary = run_data_parallel(cfg, run_dir)
+        else:
+            summary = run_stage(cfg, run_dir)
     except OpdError as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.error("run failed: %s", message)
-        write_status(run_dir, "failed", message)
+        write_status(run_dir, "failed", message, wall_s=round(time.monotonic() - started, 1))
         _record(run_dir, "failed", message)
         if multirun:
             return None
@@ -88,12 +100,12 @@ def _job(cfg: DictConfig) -> dict | None:
     except Exception as exc:
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         log.error("run crashed: %s\n%s", message, traceback.format_exc())
-        write_status(run_dir, "failed", message)
+        write_status(run_dir, "failed", message, wall_s=round(time.monotonic() - started, 1))
         _record(run_dir, "failed", message)
         if multirun:
             return None
         raise
-    write_status(run_dir, "ok", None, summary=summary)
+    write_status(run_dir, "ok", None, summary=summary, wall_s=round(time.monotonic() - started, 1))
     _record(run_dir, "ok", None)
     return summary
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ def pick_device(preference: str = "auto") -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise OpdError("trainer.device=cuda but CUDA is not available; use trainer.device=auto or cpu")
     if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda":  # a data-parallel rank (torchrun or trainer.nproc) uses GPU LOCAL_RANK
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(preference)
 
 
@@ -145,6 +148,8 @@ class Learner:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"non-finite gradient norm ({grad_norm.item()}); the step was skipped")
@@ -157,6 +162,21 @@ class Learner:
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
+    def full_state_dict(self) -> dict:
+        """The optimizer state with FSDP-sharded entries gathered (collective: every rank calls it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "full": True}
+
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("full"):  # written by full_state_dict: scatter it onto this rank's shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -4,10 +4,12 @@ opd run                                        # stage=opd (stabilization=none):
 opd run model=student_base stabilization=sft   # SFT on verified teacher traces, then OPD
 opd run stage=rlvr trainer.steps=100           # GRPO: builds an RLVR-adapted teacher (run_dir/model)
 opd run stage=sft                              # only the SFT stage (run_dir/model)
+opd run trainer.nproc=2                        # OPD with 2 data-parallel learner ranks (spawned here)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -31,14 +33,23 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    from opd_cli.distributed import is_main
+
     run_dir = Path(run_dir)
-    check_run_dir(cfg, run_dir)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if is_main():  # data-parallel ranks > 0 write nothing
+        check_run_dir(cfg, run_dir)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.stage == "opd":
+        from opd_cli import distributed
         from opd_cli.stages import opd
 
-        start = sft_stabilization(cfg, run_dir) if cfg.stabilization.kind == "sft" else None
+        start = None
+        if cfg.stabilization.kind == "sft":  # rank 0 trains the SFT student once; the others wait for it
+            start = sft_stabilization(cfg, run_dir) if distributed.is_main() else None
+            start = distributed.broadcast_object(start)
         summary = opd.run(cfg, run_dir, start)
+        if not distributed.is_main():
+            return summary
     elif cfg.stage == "sft":
         summary = {"model": sft_stabilization(cfg, run_dir, out_name="model")}
     elif cfg.stage == "rlvr":
@@ -76,7 +87,7 @@ def _sft_examples(cfg: DictConfig, task, rows: list[dict], device) -> tuple[list
         return [(task.messages(r), r["solution"]) for r in rows], {"traces": len(rows), "kept": len(rows)}
     from opd_cli.learner import load_tokenizer
 
-    teacher_path = resolve_path(cfg.teacher.path, cfg)
+    teacher_path = resolve_path(st.trace_model or cfg.teacher.path, cfg)
     tok = load_tokenizer(teacher_path)
     teacher = load_model(teacher_path, device, trainable=False)
     engine = make_engine("hf", teacher_path, device=device.type, model=teacher)
@@ -244,3 +255,47 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         engine.close()
         tracker.finish()
+
+
+def run_data_parallel(cfg: DictConfig, run_dir: Path) -> dict:
+    """`trainer.nproc=N` without torchrun: start N ranks on this machine (one process group, gloo on CPU,
+    nccl on GPUs), each running the stage; rank 0 writes the run directory. Returns rank 0's summary."""
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+    from opd_cli import distributed
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        distributed.spawn(cfg.trainer.nproc, _rank_main, container, str(run_dir))
+    except ProcessRaisedException as exc:
+        last = str(exc).strip().splitlines()[-1]
+        kind, _, message = last.partition(": ")
+        if kind.rsplit(".", 1)[-1] in ("OpdError", "UsageError", "ConfigError", "DataError", "PlanError"):
+            raise OpdError(message) from exc
+        raise RuntimeError(f"a data-parallel rank failed: {last}") from exc
+    except ProcessExitedException as exc:
+        raise OpdError(
+            f"a data-parallel rank exited ({exc}); see {run_dir}/opd.log (out of memory? lower "
+            f"trainer.prompts_per_step or trainer.nproc)"
+        ) from exc
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def _rank_main(container: dict, run_dir: str) -> None:
+    """One rank started by run_data_parallel: join the group, run the stage, leave the group."""
+    from opd_cli import distributed
+
+    cfg = OmegaConf.create(container)
+    if distributed.rank() == 0:  # the parent's Hydra log file receives rank 0's log
+        handler = logging.FileHandler(Path(run_dir) / "opd.log")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+    import torch
+
+    wants_cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+    distributed.init_from_env("cuda" if wants_cuda else "cpu")
+    try:
+        run_stage(cfg, Path(run_dir))
+    finally:
+        distributed.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from rich.console import Console
@@ -40,7 +41,7 @@ class StepProgress:
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
             console=Console(file=sys.stderr),
-            disable=not sys.stderr.isatty(),
+            disable=not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0",  # rank 0 only
             transient=False,
         )
         self.task_id = None

@@ -63,6 +63,7 @@ class Job:
     summary: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    wall_s: float | None = None  # the job's own wall time (status.json)
 
     @property
     def finished(self) -> bool:
@@ -129,6 +130,7 @@ def load_job(path: Path) -> Job:
         summary=summary,
         metrics=_read_jsonl(path / "metrics.jsonl"),
         evals=[e for e in evals if e],
+        wall_s=status.get("wall_s"),
     )
 
 
@@ -385,7 +387,7 @@ standard deviation over seeds."""
 
 
 def job_rows(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
-    header = ["job", "cell", "seed", "status", "final acc", "collapsed at", "error"]
+    header = ["job", "cell", "seed", "status", "final acc", "collapsed at", "wall (s)", "error"]
     rows = []
     for j in jobs:
         fig = job_figures(j) if j.finished else {}
@@ -398,6 +400,7 @@ def job_rows(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
                 j.status if j.status != "running" else "unfinished",
                 f"{final:.3f}" if isinstance(final, float) else "-",
                 str(fig.get("collapsed_at")) if fig else "-",
+                f"{j.wall_s:.0f}" if j.wall_s is not None else "-",
                 (j.error or "").replace("|", "/")[:160],
             ]
         )
@@ -422,7 +425,8 @@ class Report:
             f"({sum(j.finished for j in self.jobs)} finished, "
             f"{sum(j.status == 'failed' for j in self.jobs)} failed, "
             f"{sum(not j.finished and j.status != 'failed' for j in self.jobs)} unfinished). "
-            f"Paper verdict reproduced in **{n_ok} of {len(matched)}** cells with a verdict.",
+            f"Paper verdict reproduced in **{n_ok} of {len(matched)}** cells with a verdict. "
+            f"Job wall time: {sum(j.wall_s or 0 for j in self.jobs) / 60:.1f} min in total.",
             "",
             "## Matrix",
             "",

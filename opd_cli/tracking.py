@@ -123,3 +123,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             break
     return rows
+
+
+class NullTracker:
+    """What data-parallel ranks > 0 log to: nothing (rank 0 writes metrics.jsonl and wandb)."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass

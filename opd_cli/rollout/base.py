@@ -108,8 +108,12 @@ class RolloutEngine(ABC):
     kind: str = "?"
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[list[Sample]]:
-        """Sample ``sampling.n`` responses per prompt; returns ``[prompt][n]``."""
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seed: int, keys: list[int] | None = None
+    ) -> list[list[Sample]]:
+        """Sample ``sampling.n`` responses per prompt; returns ``[prompt][n]``. Sample j of prompt i is
+        drawn with ``derive_seed(seed, keys[i], j)`` (``keys`` default: 0..len-1); a data-parallel rank
+        passes the prompts' global batch positions, so a sample does not depend on the world size."""
 
     @abstractmethod
     def sync_weights(self, model: torch.nn.Module) -> float:

@@ -153,9 +153,14 @@ class HFEngine(RolloutEngine):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[list[Sample]]:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seed: int, keys: list[int] | None = None
+    ) -> list[list[Sample]]:
         if not prompts:
             return []
+        keys = list(range(len(prompts))) if keys is None else [int(k) for k in keys]
+        if len(keys) != len(prompts):
+            raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
         greedy = sampling.is_greedy
@@ -169,7 +174,8 @@ class HFEngine(RolloutEngine):
             with torch.inference_mode(), torch_threads(self.num_threads):
                 for start in range(0, len(rows), self.max_batch_size):
                     chunk = rows[start : start + self.max_batch_size]
-                    samples = self._generate_rows([prompts[i] for i, _ in chunk], chunk, sampling, seed)
+                    seeds = [(keys[i], j) for i, j in chunk]
+                    samples = self._generate_rows([prompts[i] for i, _ in chunk], seeds, sampling, seed)
                     results.update(zip(chunk, samples, strict=True))
         finally:
             self.model.train(was_training)

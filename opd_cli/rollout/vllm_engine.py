@@ -239,22 +239,27 @@ class VLLMEngine(RolloutEngine):
             skip_special_tokens=False,
         )
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[list[Sample]]:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingConfig, seed: int, keys: list[int] | None = None
+    ) -> list[list[Sample]]:
         if not prompts:
             return []
+        keys = list(range(len(prompts))) if keys is None else [int(k) for k in keys]
+        if len(keys) != len(prompts):
+            raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt")
         from vllm.inputs import TokensPrompt
 
         greedy = sampling.is_greedy
         n_rows = 1 if greedy else sampling.n
-        keys = [(i, j) for i in range(len(prompts)) for j in range(n_rows)]
-        requests = [TokensPrompt(prompt_token_ids=list(prompts[i])) for i, _ in keys]
-        params = [self._sampling_params(sampling, derive_seed(seed, i, j)) for i, j in keys]
+        rows = [(i, j) for i in range(len(prompts)) for j in range(n_rows)]
+        requests = [TokensPrompt(prompt_token_ids=list(prompts[i])) for i, _ in rows]
+        params = [self._sampling_params(sampling, derive_seed(seed, keys[i], j)) for i, j in rows]
         with _preserve_global_rng(self.device), torch_threads(self.num_threads):
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         by_key = {}
-        for key, out in zip(keys, outputs, strict=True):
+        for key, out in zip(rows, outputs, strict=True):
             by_key[key] = self._to_sample(prompts[key[0]], out.outputs[0])
         result = []
         for i in range(len(prompts)):
@@ -287,7 +292,9 @@ class VLLMEngine(RolloutEngine):
     # ------------------------------------------------------------------ weights
     def _weights(self, model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
         target = _TORCH_DTYPES.get(str(self.dtype).replace("torch.", ""))
-        state = model.state_dict()
+        from opd_cli.distributed import full_state_dict
+
+        state = full_state_dict(model)  # an FSDP-sharded learner is gathered here (collective)
         if (
             self.tie_word_embeddings
             and "lm_head.weight" not in state

@@ -36,6 +36,7 @@ def task_options(task_cfg) -> dict:
             "split": task_cfg.split,
             "fields": dict(task_cfg.fields) or None,
             "rule": task_cfg.rule,
+            "problem_regex": task_cfg.get("problem_regex"),
         }
     return {}
 

@@ -4,12 +4,16 @@
     opd run rollout=hf trainer.steps=50                  # transformers generate() instead of vLLM
     opd run task=arith_concise teacher=self_system model=opsd_base   # OPSD with a shared-rule PI
     opd run resume=outputs/<date>/<time>                 # continue a killed run from its last checkpoint
+    opd run trainer.nproc=2 rollout=hf                   # 2 data-parallel learner ranks (opd_cli/distributed.py)
+    torchrun --nproc_per_node=8 -m opd_cli.cli run trainer.device=cuda   # 8 GPUs, one rank per GPU
 
 One step, as in the paper: the student samples responses to a batch of prompts (rollout engine, which
 holds the learner's current weights); the teacher scores every response token under its own prompt;
 the learner recomputes the student's logits with gradients and applies the selected divergence; the
 new weights go back to the engine. Everything a step logs is computed from tensors it already has.
-Rollouts of step s depend only on (seed, s, weights), so a resumed run regenerates the same batches.
+Rollouts of step s depend only on (seed, s, weights), so a resumed run regenerates the same batches,
+and a data-parallel run (each rank rolls out its share of the step's prompts, seeded by their global
+positions) produces the same batches as one process.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from opd_cli import losses
-from opd_cli.batching import pack, response_hidden_and_logits
+from opd_cli import distributed, losses
+from opd_cli.batching import ResponseForward, pack
 from opd_cli.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from opd_cli.diagnostics import CollapseDetector, loss_signals, rollout_signals
 from opd_cli.errors import OpdError
@@ -42,7 +46,7 @@ from opd_cli.teachers import (
     student_prompt_builder,
     teacher_prompt_builder,
 )
-from opd_cli.tracking import Tracker
+from opd_cli.tracking import NullTracker, Tracker
 
 log = logging.getLogger("opd")
 
@@ -80,7 +84,8 @@ class OPDRun:
         self.student_path = student_path
         self.tokenizer = load_tokenizer(student_path)
         self.model = load_model(student_path, self.device, trainable=True)
-        check_k_fits(cfg.loss, self.model.config.vocab_size)
+        self.vocab_size = self.model.config.vocab_size
+        check_k_fits(cfg.loss, self.vocab_size)
         self.max_len = getattr(self.model.config, "max_position_embeddings", None)
 
         # The OPSD teacher is a frozen copy of the step-0 student: the same checkpoint, loaded again.
@@ -96,11 +101,16 @@ class OPDRun:
             amp=lambda: torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             ),
-            enable_thinking=cfg.model.enable_thinking,
+            enable_thinking=cfg.model.enable_thinking
+            if cfg.teacher.get("enable_thinking") is None
+            else cfg.teacher.enable_thinking,
         )
         self.teacher.prompt_ids(self.train_rows[0])  # fail now, not at step 1, on a bad PI template
 
         tc = cfg.trainer
+        # DDP / FSDP wrap the forward that the loss differentiates; the learner optimizes the (possibly
+        # sharded) parameters it leaves in self.model.
+        self.forward = distributed.wrap(ResponseForward(self.model), tc.parallel, self.device)
         self.learner = Learner(
             self.model,
             lr=tc.lr,
@@ -139,12 +149,16 @@ class OPDRun:
             model=self.model,
             **self.engine_options(),
         )
-        self.tracker = Tracker(
-            self.run_dir,
-            OmegaConf.to_container(cfg, resolve=True),
-            cfg.logger,
-            name=cfg.cell.name if cfg.cell.name != "default" else None,
-            resume_step=resume_state,
+        self.tracker = (
+            Tracker(
+                self.run_dir,
+                OmegaConf.to_container(cfg, resolve=True),
+                cfg.logger,
+                name=cfg.cell.name if cfg.cell.name != "default" else None,
+                resume_step=resume_state,
+            )
+            if distributed.is_main()
+            else NullTracker()
         )
 
     # ------------------------------------------------------------------------------------------ setup
@@ -152,12 +166,17 @@ class OPDRun:
         if self.cfg.rollout.engine != "vllm":
             return {}
         r = self.cfg.rollout
-        return {
+        options = {
             "gpu_memory_utilization": r.gpu_memory_utilization,
             "max_model_len": r.max_model_len,
             "tensor_parallel_size": r.tensor_parallel_size,
             "seed": self.cfg.seed,
         }
+        if distributed.world_size() > 1:
+            # vLLM joins the learner's process group: each group of tensor_parallel_size ranks forms one
+            # engine (TRL's colocate mode); with tensor_parallel_size=1 every rank has its own engine.
+            options["distributed_executor_backend"] = "external_launcher"
+        return options
 
     def check_lengths(self) -> None:
         longest_prompt = max(len(self.prompt_ids(r)) for r in self.train_rows[:256])
@@ -189,7 +208,7 @@ class OPDRun:
         weights = {}
         for shard in sorted(ckpt.glob("*.safetensors")):
             weights.update(load_file(str(shard), device=str(self.device)))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        missing, unexpected = distributed.load_full_state_dict(self.model, weights)
         if unexpected or [m for m in missing if "lm_head" not in m]:
             raise OpdError(
                 f"checkpoint {ckpt} does not match the model (missing {missing[:3]}, unexpected "
@@ -206,37 +225,70 @@ class OPDRun:
         return self.step
 
     def save(self) -> None:
-        save_checkpoint(
-            self.ckpt_root,
-            self.step,
-            self.model,
-            self.tokenizer,
-            {
-                "learner": self.learner.state_dict(),
-                "detector": self.detector.state_dict(),
-                "base_eval": self.base_eval,
-                "skipped_batches": self.skipped_batches,
-            },
-        )
+        """Rank 0 writes the checkpoint (under FSDP every rank first takes part in the gather)."""
+        sharded = distributed.world_size() > 1 and self.cfg.trainer.parallel == "fsdp"
+        weights = distributed.full_state_dict(self.model) if sharded else None
+        learner_state = self.learner.full_state_dict() if sharded else self.learner.state_dict()
+        if distributed.is_main():
+            save_checkpoint(
+                self.ckpt_root,
+                self.step,
+                self.model,
+                self.tokenizer,
+                {
+                    "learner": learner_state,
+                    "detector": self.detector.state_dict(),
+                    "base_eval": self.base_eval,
+                    "skipped_batches": self.skipped_batches,
+                },
+                state_dict=weights,
+            )
+        distributed.barrier()
 
     # ------------------------------------------------------------------------------------------- step
+    def rollout(self, rows: list[dict], indices: list[int]) -> list[list]:
+        """This rank's samples for `rows` (global batch positions `indices`). Ranks that share one
+        tensor-parallel vLLM engine submit the union of their prompts together and keep their own."""
+        tp = self.cfg.rollout.tensor_parallel_size if self.cfg.rollout.engine == "vllm" else 1
+        seed = derive_seed(self.cfg.seed, self.step)
+        if tp == 1 or distributed.world_size() == 1:
+            return self.engine.generate([self.prompt_ids(r) for r in rows], self.sampling, seed, keys=indices)
+        group = distributed.rank() // tp
+        everyone = distributed.all_gather_objects(indices)
+        mine = [i for r in range(group * tp, (group + 1) * tp) for i in everyone[r]]
+        full = batch_rows(self.train_rows, self.step, self.cfg.seed, self.cfg.trainer.prompts_per_step)
+        groups = self.engine.generate(
+            [self.prompt_ids(full[i]) for i in mine], self.sampling, seed, keys=mine
+        )
+        by_index = dict(zip(mine, groups, strict=True))
+        return [by_index[i] for i in indices]
+
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         rows = batch_rows(self.train_rows, self.step, cfg.seed, cfg.trainer.prompts_per_step)
-        prompts = [self.prompt_ids(r) for r in rows]
+        indices = distributed.local_indices(len(rows))  # this rank's share of the global batch
+        rows = [rows[i] for i in indices]
 
         t0 = time.perf_counter()
-        groups = self.engine.generate(prompts, self.sampling, seed=derive_seed(cfg.seed, self.step))
+        groups = self.rollout(rows, indices)
         samples = [s for g in groups for s in g]
         sample_rows = [r for r, g in zip(rows, groups, strict=True) for _ in g]
         responses = [s.response_ids for s in samples]
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         verdicts = [self.task.verify(r, t) for r, t in zip(sample_rows, texts, strict=True)]
         correct = [v.correct for v in verdicts]
-        metrics = rollout_signals(responses, texts, [s.finish_reason for s in samples], self.hedging, correct)
-        metrics["rollout_well_formed"] = sum(v.well_formed for v in verdicts) / len(verdicts)
+        # The step's signals describe the global batch: every rank sees every rank's rollouts.
+        graded = iter(zip(texts, verdicts, strict=True))
+        mine = [[(s.response_ids, s.finish_reason, *next(graded)) for s in g] for g in groups]
+        flat = [x for g in distributed.interleave(distributed.all_gather_objects(mine)) for x in g]
+        all_responses = [x[0] for x in flat]
+        all_correct = [x[3].correct for x in flat]
+        metrics = rollout_signals(
+            all_responses, [x[2] for x in flat], [x[1] for x in flat], self.hedging, all_correct
+        )
+        metrics["rollout_well_formed"] = sum(x[3].well_formed for x in flat) / len(flat)
         t1 = time.perf_counter()
-        if not any(responses):
+        if not any(all_responses):
             self.skipped_batches += 1
             log.warning(
                 "step %d: every response is empty; batch skipped (%d so far)",
@@ -253,8 +305,11 @@ class OPDRun:
         if cfg.loss.name == "sampled_rkl":
             kwargs["behavior_logprobs"] = self._behavior_logprobs(samples, batch.response_mask.shape)
         with self.learner.autocast():
-            if cfg.loss.chunk_size > 0:
-                hidden, _ = response_hidden_and_logits(self.model, batch, logits=False)
+            chunked = cfg.loss.chunk_size > 0
+            hidden, logits = self.forward(
+                batch.input_ids, batch.attention_mask, batch.response_index, logits=not chunked
+            )
+            if chunked:
                 head = self.model.get_output_embeddings()
                 out = chunked_loss(
                     cfg.loss.name,
@@ -267,26 +322,26 @@ class OPDRun:
                     lm_head_bias=head.bias,
                     **kwargs,
                 )
-                logits = None
             else:
-                _, logits = response_hidden_and_logits(self.model, batch)
                 out = losses.compute_loss(
                     cfg.loss.name, logits, teacher_lp, batch.response_ids, batch.response_mask, **kwargs
                 )
-        metrics.update(loss_signals(out.per_token, batch.response_mask, correct))
+        loss, global_loss = self.global_mean(out.loss, batch.response_mask, hidden if chunked else logits)
+        metrics.update(self.global_loss_signals(out.per_token, batch.response_mask, correct))
         if logits is not None and (self.step + 1) % cfg.diagnostics.every == 0:
-            metrics["grad_cosine_to_full_rkl"] = float(
-                losses.grad_cosine_to_full_rkl(
-                    cfg.loss.name,
-                    logits.detach(),
-                    teacher_lp,
-                    batch.response_ids,
-                    batch.response_mask,
-                    **kwargs,
-                )
+            cosine = losses.grad_cosine_to_full_rkl(
+                cfg.loss.name,
+                logits.detach(),
+                teacher_lp,
+                batch.response_ids,
+                batch.response_mask,
+                **kwargs,
+            )  # with several ranks: the mean of the ranks' cosines
+            metrics["grad_cosine_to_full_rkl"] = (
+                distributed.all_reduce_sum(float(cosine), self.device) / distributed.world_size()
             )
-        metrics["loss"] = float(out.loss.detach())
-        metrics.update(self.learner.step(out.loss))
+        metrics["loss"] = global_loss
+        metrics.update(self.learner.step(loss))
         t3 = time.perf_counter()
         sync = self.engine.sync_weights(self.model)
         t4 = time.perf_counter()
@@ -299,10 +354,43 @@ class OPDRun:
                 "time/sync": t4 - t3,
                 "time/step": total,
                 "time/sync_fraction": sync / total,
-                "tokens": sum(len(r) for r in responses),
+                "tokens": sum(len(r) for r in all_responses),
             }
         )
         return metrics
+
+    def global_mean(self, loss: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor):
+        """(loss to backpropagate, global loss value). This rank's loss is a mean over its own tokens (or
+        sequences); rescaled by local count x W / global count, DDP's gradient average becomes the
+        gradient of the mean over the whole global batch. One process: (loss, float(loss))."""
+        world = distributed.world_size()
+        if world == 1:
+            return loss, float(loss.detach())
+        seq = self.cfg.loss.reduction == "seq_mean"
+        local = float((mask.sum(1) > 0).sum() if seq else mask.sum())
+        total = distributed.all_reduce_sum(local, self.device)
+        scaled = loss * (local * world / max(total, 1.0))
+        if local == 0:  # no tokens here: still touch every parameter so the gradient all-reduce runs
+            scaled = scaled + 0.0 * anchor.sum() + 0.0 * self.model.get_output_embeddings().weight.sum()
+        value = distributed.all_reduce_sum(float(scaled.detach()), self.device) / world
+        return scaled, value
+
+    def global_loss_signals(self, per_token: dict, mask: torch.Tensor, correct: list[bool]) -> dict:
+        """loss_signals over the global batch (every rank's per-token diagnostics, padded to one width)."""
+        if distributed.world_size() == 1:
+            return loss_signals(per_token, mask, correct)
+        parts = distributed.all_gather_objects(
+            ({k: v.detach().cpu() for k, v in per_token.items()}, mask.cpu(), list(correct))
+        )
+        width = max(m.shape[1] for _, m, _ in parts)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+        merged = {k: torch.cat([pad(d[k]) for d, _, _ in parts]) for k in parts[0][0]}
+        return loss_signals(
+            merged, torch.cat([pad(m) for _, m, _ in parts]), [c for _, _, cs in parts for c in cs]
+        )
 
     def _behavior_logprobs(self, samples, shape) -> torch.Tensor:
         out = torch.zeros(shape, dtype=torch.float32)
@@ -328,7 +416,8 @@ class OPDRun:
             base=self.base_eval,
         )
         result["step"] = self.step
-        atomic_write_json(self.run_dir / "eval" / f"step_{self.step:06d}.json", result)
+        if distributed.is_main():  # every rank evaluates (a shared vLLM engine needs all), rank 0 writes
+            atomic_write_json(self.run_dir / "eval" / f"step_{self.step:06d}.json", result)
         if self.base_eval is None:
             self.base_eval = result
         return result

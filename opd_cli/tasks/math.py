@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 from typing import Any, ClassVar
 
@@ -119,8 +120,15 @@ class MathTask(Task):
         rule: str | None = None,
         concise_max_words: int = 400,
         max_answer_chars: int = 1000,
+        problem_regex: str | None = None,
     ) -> None:
         super().__init__()
+        try:
+            self.problem_regex = re.compile(problem_regex) if problem_regex else None
+        except re.error as e:
+            raise ValueError(f"math: task.problem_regex is not a valid regex ({e})") from e
+        if self.problem_regex is not None and "problem" not in self.problem_regex.groupindex:
+            raise ValueError("math: task.problem_regex needs a named group (?P<problem>...)")
         if rule not in (None, "concise"):
             raise ValueError(f"math: rule must be one of [None, 'concise'], got {rule!r}")
         self.path, self.split = path, split
@@ -138,13 +146,21 @@ class MathTask(Task):
 
     # ---- data -----------------------------------------------------------------------------------
     def prepare(self, rows: list[dict[str, Any]]) -> list[Row]:
-        """Normalize loaded rows: string fields, `hint` = answer, `task`, the rule's system prompt."""
+        """Normalize loaded rows: string fields, `hint` = answer, `task`, the rule's system prompt. A
+        problem wrapped in a dataset's instructions is cut out by `problem_regex`; an answer column that
+        holds a whole solution (OpenThoughts) is reduced to its last \\boxed{...}."""
         out = []
         for r in rows:
             row = dict(r)
             for key in ("problem", "answer", "solution", "system_prompt"):
                 v = row.get(key)
                 row[key] = "" if v is None else str(v)
+            if self.problem_regex is not None:
+                m = self.problem_regex.search(row["problem"])
+                if m and m.group("problem").strip():
+                    row["problem"] = m.group("problem").strip()
+            if "\\boxed" in row["answer"] or "\\fbox" in row["answer"]:
+                row["answer"] = last_boxed(row["answer"]) or row["answer"]
             if self.rule:
                 row["system_prompt"] = self.rule
             row.setdefault("hint", row["answer"])

@@ -1,0 +1,223 @@
+"""Memory plan: what one learner device holds for a recipe, estimated from the models' config.json.
+
+    opd plan experiment=qwen3_opd_8b_topk                    # the plan, no run, no download
+    opd plan experiment=qwen3_opd_8b_topk trainer.device_memory_gb=96 trainer.nproc=8
+    opd run experiment=qwen3_opd_8b_topk --dry-run           # the same, from `opd run`
+
+Per device (one data-parallel rank), in GiB, as the code allocates it:
+- student parameters fp32 (master weights; bf16 only under autocast), gradients fp32, Adam's two fp32
+  states: 4 + 4 + 8 bytes per parameter, divided by the ranks under trainer.parallel=fsdp;
+- teacher parameters, fp32 (loaded like the student, frozen; none for OPSD's frozen copy: it is a
+  second copy of the student);
+- activations kept for backward: per token and layer ~ (4 H + (heads + 2 kv_heads) head_dim + 3 I)
+  values in the compute dtype (no activation checkpointing; SDPA keeps no [T, T] scores);
+- logits / loss: the teacher's full-vocabulary log-probs [tokens, V] fp32, plus the student's logits,
+  log-softmax and their gradient (3 x [tokens, V] fp32), or 3 x [loss.chunk_size, V] with the chunked path;
+- vLLM: bf16 weights / tensor_parallel_size and the KV cache of this rank's sequences
+  (2 x layers x kv_heads x head_dim x 2 bytes per token); when the device memory is known, vLLM reserves
+  rollout.gpu_memory_utilization of it instead, and that reservation is what the plan counts.
+
+Tokens per rank = ceil(prompts_per_step x rollout.n / ranks) x (prompt tokens + rollout.max_new_tokens);
+the prompt length is an assumption (--prompt-tokens, default 512). Hub ids that are not on disk resolve
+through the built-in table of Qwen3 configs below (no download).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from opd_cli.errors import OpdError
+
+GIB = 2**30
+
+
+class PlanError(OpdError):
+    """The plan does not fit the device, or a model's shape is unknown."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, c: dict) -> ModelShape:
+        c = c.get("text_config", c)
+        heads = c["num_attention_heads"]
+        return cls(
+            hidden=c["hidden_size"],
+            layers=c["num_hidden_layers"],
+            heads=heads,
+            kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            intermediate=c["intermediate_size"],
+            vocab=c["vocab_size"],
+            tied=bool(c.get("tie_word_embeddings", False)),
+        )
+
+    @property
+    def params(self) -> int:
+        h, d = self.hidden, self.head_dim
+        attn = h * self.heads * d * 2 + h * self.kv_heads * d * 2 + 2 * d  # q, o, k, v, q/k norms
+        layer = attn + 3 * h * self.intermediate + 2 * h
+        head = 0 if self.tied else self.vocab * h
+        return self.vocab * h + self.layers * layer + h + head
+
+    @property
+    def kv_bytes_per_token(self) -> int:  # bf16 K and V in every layer
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+
+    def activation_values_per_token(self) -> int:
+        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
+        return self.layers * (4 * self.hidden + qkv + 3 * self.intermediate)
+
+
+def _qwen3(hidden, layers, heads, intermediate, tied) -> dict:
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": intermediate,
+        "vocab_size": 151936,
+        "tie_word_embeddings": tied,
+    }
+
+
+# The config.json values of the Qwen3 checkpoints (huggingface.co/Qwen/<name>/blob/main/config.json;
+# 8B and 4B read from copies of those files, 1.7B from a Qwen3-1.7B-architecture config, 14B from the
+# Qwen3 technical report's table: 40 layers, 40 query / 8 KV heads). The Base models share the shapes.
+KNOWN_CONFIGS = {
+    "Qwen/Qwen3-1.7B": _qwen3(2048, 28, 16, 6144, True),
+    "Qwen/Qwen3-4B": _qwen3(2560, 36, 32, 9728, True),
+    "Qwen/Qwen3-8B": _qwen3(4096, 36, 32, 12288, False),
+    "Qwen/Qwen3-14B": _qwen3(5120, 40, 40, 17408, False),
+}
+KNOWN_CONFIGS.update({f"{k}-Base": v for k, v in list(KNOWN_CONFIGS.items())})
+
+
+def model_shape(spec: str, cfg: DictConfig, fallback: ModelShape | None = None) -> tuple[ModelShape, str]:
+    """(shape, where it came from) for a model path, testbed:<name> or hub id."""
+    from opd_cli.stages.common import resolve_path
+
+    path = Path(resolve_path(str(spec), cfg)).expanduser() if str(spec).startswith("testbed:") else None
+    path = path or Path(str(spec)).expanduser()
+    if (path / "config.json").is_file():
+        return ModelShape.from_config(json.loads((path / "config.json").read_text())), str(path)
+    if str(spec) in KNOWN_CONFIGS:
+        return ModelShape.from_config(KNOWN_CONFIGS[str(spec)]), f"{spec} (built-in table)"
+    if fallback is not None:
+        return fallback, f"{spec} (not built yet: the student's shape)"
+    raise PlanError(
+        f"no config.json for model {spec!r} and it is not in the built-in table "
+        f"({', '.join(KNOWN_CONFIGS)}); pass a local model directory"
+    )
+
+
+def detected_device_memory_gb() -> float | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return None
+
+
+def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
+    """Rows of (component, GiB per device) and the context needed to read them."""
+    tc, r = cfg.trainer, cfg.rollout
+    student, s_src = model_shape(cfg.model.path, cfg)
+    if cfg.teacher.kind == "self_pi":
+        teacher, t_src = student, "frozen copy of the student"
+    else:
+        fallback = student if cfg.teacher.kind == "rlvr" else None
+        teacher, t_src = model_shape(cfg.teacher.path, cfg, fallback)
+    ranks = tc.nproc
+    sharded = tc.parallel == "fsdp" and ranks > 1
+    shard = ranks if sharded else 1
+    samples = math.ceil(tc.prompts_per_step * r.n / ranks)
+    seq = prompt_tokens + r.max_new_tokens
+    tokens, response_tokens = samples * seq, samples * r.max_new_tokens
+    cuda = tc.device == "cuda" or (tc.device == "auto" and detected_device_memory_gb() is not None)
+    act_bytes = 2 if cuda else 4  # bf16 autocast on CUDA, fp32 on CPU
+    v = student.vocab
+    logit_rows = cfg.loss.chunk_size if cfg.loss.chunk_size > 0 else response_tokens
+    rows = [
+        ("student parameters (fp32)", 4 * student.params / shard),
+        ("student gradients (fp32)", 4 * student.params / shard),
+        ("Adam states (2 x fp32)", 8 * student.params / shard),
+        ("teacher parameters (fp32, frozen)", 4 * teacher.params),
+        ("activations (no checkpointing)", tokens * student.activation_values_per_token() * act_bytes),
+        ("teacher log-probs [tokens, V] fp32", response_tokens * v * 4),
+        (
+            "student logits + grad "
+            + (f"(chunks of {cfg.loss.chunk_size})" if cfg.loss.chunk_size else "[tokens, V] x3 fp32"),
+            3 * logit_rows * v * 4,
+        ),
+    ]
+    memory = tc.device_memory_gb or detected_device_memory_gb()
+    tp = r.tensor_parallel_size
+    if r.engine == "vllm":
+        need = 2 * student.params / tp + samples * seq * student.kv_bytes_per_token / tp
+        if memory:
+            rows.append((f"vLLM reserve (gpu_memory_utilization={r.gpu_memory_utilization})", 0.0))
+            rows[-1] = (rows[-1][0], r.gpu_memory_utilization * memory * GIB)
+        rows.append(("  of which vLLM weights bf16 + KV cache needed", need))
+    total = sum(b for name, b in rows if not name.startswith("  "))
+    return {
+        "student": (s_src, student.params),
+        "teacher": (t_src, teacher.params),
+        "ranks": ranks,
+        "parallel": tc.parallel if ranks > 1 else "single process",
+        "tensor_parallel_size": tp,
+        "samples_per_rank": samples,
+        "tokens_per_rank": tokens,
+        "prompt_tokens": prompt_tokens,
+        "rows": [(name, b / GIB) for name, b in rows],
+        "total_gb": total / GIB,
+        "device_memory_gb": memory,
+    }
+
+
+def format_plan(plan: dict) -> str:
+    s_src, s_params = plan["student"]
+    t_src, t_params = plan["teacher"]
+    lines = [
+        f"memory plan per device ({plan['ranks']} rank(s), {plan['parallel']}, vLLM TP "
+        f"{plan['tensor_parallel_size']}); {plan['samples_per_rank']} samples x "
+        f"({plan['prompt_tokens']} prompt + response) = {plan['tokens_per_rank']} tokens per rank",
+        f"  student {s_params / 1e9:.2f}B params: {s_src}",
+        f"  teacher {t_params / 1e9:.2f}B params: {t_src}",
+    ]
+    width = max(len(name) for name, _ in plan["rows"])
+    lines += [f"  {name:<{width}}  {gb:9.2f} GiB" for name, gb in plan["rows"]]
+    mem = plan["device_memory_gb"]
+    lines.append(f"  {'total':<{width}}  {plan['total_gb']:9.2f} GiB")
+    lines.append(
+        f"  {'device memory':<{width}}  {mem:9.2f} GiB"
+        if mem
+        else "  device memory: unknown (no CUDA device); set trainer.device_memory_gb to check the fit"
+    )
+    return "\n".join(lines)
+
+
+def check_fit(plan: dict) -> None:
+    mem = plan["device_memory_gb"]
+    if mem and plan["total_gb"] > mem:
+        biggest = max(plan["rows"], key=lambda row: row[1])
+        raise PlanError(
+            f"the plan needs {plan['total_gb']:.1f} GiB per device but it has {mem:.1f} GiB (largest: "
+            f"{biggest[0].strip()} {biggest[1]:.1f} GiB); raise trainer.nproc, use trainer.parallel=fsdp, "
+            f"set loss.chunk_size, or lower trainer.prompts_per_step / rollout.max_new_tokens"
+        )
