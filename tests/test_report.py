@@ -75,7 +75,9 @@ def fake_job(
     summary = {"start_accuracy": accs[0], "final_accuracy": accs[-1], "collapsed_at": None}
     if status == "ok":
         (d / "summary.json").write_text(json.dumps(summary))
-    (d / "status.json").write_text(json.dumps({"status": status, "error": error, "overrides": []}))
+    (d / "status.json").write_text(
+        json.dumps({"status": status, "error": error, "overrides": [], "wall_s": 60.0})
+    )
     return d
 
 
@@ -133,6 +135,16 @@ def test_verdict_rules():
     rule = {**base, "final_accuracy": 0.68, "internalization": 0.9, "teacher_accuracy": 0.7}
     assert job_verdict(rule, metric="internalization") == "improves"
     assert job_verdict({**rule, "internalization": 0.1}, metric="internalization") == "stable"
+
+
+def test_bench_matrix_times_a_sweep_from_its_job_files(sweep):
+    from opd_cli.bench.matrix_bench import format_report, job_times
+
+    times = job_times(sweep)
+    assert len(times) == 5 and {t.wall_s for t in times} == {60.0}
+    text = format_report(times, None, seeds=2, where=str(sweep))
+    assert "| naive | 2 | 60 | 60-60 | ok |" in text
+    assert "sum of job wall times 5.0 min" in text and "per seed" in text and "target" in text
 
 
 def test_report_cli_bad_input_is_one_line_exit_2(tmp_path):

@@ -2,9 +2,13 @@
 
 opd bench loss                 # chunked vs naive loss path at Qwen3 vocabulary size (V=151,936)
 opd bench loss --quick         # a small size, seconds
+opd bench matrix               # wall time of one seed of the testbed matrix
 """
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import click
 
@@ -17,6 +21,7 @@ def bench_group() -> None:
     Examples:
       opd bench loss
       opd bench loss --quick
+      opd bench matrix --from multirun/matrix-20261129-055407
     """
 
 
@@ -48,6 +53,48 @@ def bench_loss(
     if chunk_size:
         kwargs["chunk_size"] = chunk_size
     table = format_table(run_loss_bench(**kwargs))
+    click.echo(table)
+    if out:
+        atomic_write_text(out, table + "\n")
+
+
+@bench_group.command("matrix")
+@click.option("--seeds", default="0", show_default=True, help="Hydra sweep value for seed, e.g. 0,1,2.")
+@click.option("--jobs", type=int, default=2, show_default=True, help="Jobs at a time (joblib launcher).")
+@click.option(
+    "--from",
+    "from_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Time an existing matrix sweep instead of running one.",
+)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the table here.")
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def bench_matrix(
+    seeds: str, jobs: int, from_dir: Path | None, out: str | None, overrides: tuple[str, ...]
+) -> None:
+    """Wall time of the testbed matrix (target: one seed in under 20 minutes on 2 cores).
+
+    \b
+    Examples:
+      opd bench matrix
+      opd bench matrix --from multirun/matrix-20261129-055407 --out experiments/bench_matrix.md
+    """
+    from opd_cli.bench.matrix_bench import format_report, job_times, run_sweep
+    from opd_cli.cli import fail
+    from opd_cli.errors import OpdError
+    from opd_cli.io import atomic_write_text
+
+    measured = None
+    if from_dir is None:
+        from_dir = Path("multirun") / time.strftime("bench-matrix-%Y%m%d-%H%M%S")
+        measured = run_sweep(from_dir, seeds, jobs, list(overrides))
+    try:
+        times = job_times(from_dir)
+    except OpdError as exc:
+        fail(str(exc))
+    n_seeds = len({t.seed for t in times}) or 1
+    table = format_report(times, measured, n_seeds, str(from_dir))
     click.echo(table)
     if out:
         atomic_write_text(out, table + "\n")
