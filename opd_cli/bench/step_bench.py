@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -255,6 +256,7 @@ def run_step_bench(
     for name, (runner, _) in runners.items():
         if name in ("vllm", "hf"):
             runner.close()
+    shutil.rmtree(tmp, ignore_errors=True)  # the runs' checkpoints and metrics are not results
     return {
         "contenders": contenders,
         "batch": batch,
