@@ -11,7 +11,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast lint testbed testbed-status probe bench-loss matrix matrix-report clean
+.PHONY: install run test test-fast lint testbed testbed-status probe bench-loss bench-step matrix matrix-report clean
 
 install: $(STAMP)
 
@@ -73,6 +73,11 @@ matrix-report: install
 # Chunked vs naive loss at Qwen3's vocabulary (V=151,936, hidden 2048, 4096 tokens): ~12 GB RAM, ~30 min.
 bench-loss: install
 	$(BIN)/opd bench loss --out experiments/loss_bench_table.md
+
+# One OPD step, opd (vLLM and HF rollouts) vs TRL's GKDTrainer, same work (needs the bench extra: TRL).
+bench-step: install
+	$(BIN)/pip install --quiet -e '.[bench]'
+	TRL_EXPERIMENTAL_SILENCE=1 $(BIN)/opd bench step --out experiments/bench_step_table.md
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

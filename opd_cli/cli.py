@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -104,6 +105,20 @@ def split_hydra_args(args: list[str]) -> tuple[list[str], bool]:
     return overrides, multirun
 
 
+def check_hydra_flags(args: list[str]) -> None:
+    """Hydra's own argparse prints a multi-line usage on a bad flag (`-x`, `--cfg nope`): one line instead."""
+    from hydra._internal.utils import get_args_parser
+
+    def error(message: str) -> None:
+        raise UsageError(
+            f"opd run: {message}; overrides are key=value (e.g. trainer.lr=1e-4), flags: opd run --hydra-help"
+        )
+
+    parser = get_args_parser()
+    parser.error = error
+    parser.parse_args(args)
+
+
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     """The cartesian product of sweep overrides (a,b / range() / glob()), as Hydra's basic sweeper runs it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -163,21 +178,105 @@ def check_run_dir_free(cfg) -> None:
         )
 
 
-def prevalidate(overrides: list[str], multirun: bool, writes: bool = True) -> None:
-    """Fail fast, with one line, on anything Hydra or our validation would reject."""
+LOCK_NAME = ".opd.lock"
+_held_locks: list[int] = []  # descriptors of claimed directories, held (locked) until the process exits
+
+
+def claim_dir(directory: Path, *, explicit: bool, key: str = "hydra.run.dir") -> Path:
+    """Claim an output directory for this process: an exclusive, non-blocking `flock` on
+    `<dir>/.opd.lock`, held until the process exits (the kernel drops it on any exit, SIGKILL included,
+    so a killed run's directory can be resumed). A directory claimed by a live process is never shared:
+    an explicit one is refused; a default (timestamped) one that collides gets a `-1`, `-2`... suffix."""
+    import fcntl
+
+    for attempt in range(100):
+        candidate = directory if attempt == 0 else directory.with_name(f"{directory.name}-{attempt}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            fd = os.open(candidate / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot create the output directory {candidate} ({exc.strerror or exc}); set {key} "
+                f"to a writable location"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if explicit:
+                raise UsageError(
+                    f"{candidate} is in use by another running opd process; wait for it to finish or "
+                    f"choose another {key}"
+                ) from None
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held_locks.append(fd)
+        return candidate
+    raise UsageError(f"could not claim a free output directory next to {directory}; set {key} explicitly")
+
+
+def _overrides_key(overrides: list[str], key: str) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)
+
+
+def claim_output_dir(overrides: list[str], multirun: bool) -> list[str]:
+    """Resolve the run (or sweep) directory once, claim it, and pin it in the overrides, so that Hydra
+    writes exactly the directory that was checked and claimed (`${now:}` would otherwise resolve again)."""
+    from omegaconf import OmegaConf
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    cfg = compose([o for o in overrides if not _is_sweep(o)] if multirun else overrides)
+    directory = Path(OmegaConf.select(cfg, key)).expanduser().absolute()
+    claimed = claim_dir(directory, explicit=_overrides_key(overrides, key), key=key)
+    if not multirun:
+        check_run_dir_free(cfg if claimed == directory else _with_run_dir(cfg, claimed))
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key] + [f"{key}={_quote(claimed)}"]
+
+
+def _quote(path: Path) -> str:
+    """A path as a Hydra override value: bare when plain, else single-quoted with escapes."""
+    text = str(path)
+    if re.fullmatch(r"[\w./:@+-]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _is_sweep(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(override).is_sweep_override()
+
+
+def _with_run_dir(cfg, run_dir: Path):
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.hydra.run.dir = str(run_dir)
+    return cfg
+
+
+def prevalidate(overrides: list[str], multirun: bool, writes: bool = True) -> list[str]:
+    """Fail fast, with one line, on anything Hydra or our validation would reject. With `writes`, also
+    claim the output directory; returns the overrides to launch with (the claimed directory pinned)."""
     from opd_cli.errors import explain_config_exception
 
     try:
         for combo in job_overrides(overrides, multirun):
-            cfg = compose(combo)
-        if writes and not multirun:
-            check_run_dir_free(cfg)
+            compose(combo)
+        return claim_output_dir(overrides, multirun) if writes else overrides
     except OpdError:
         raise
     except Exception as exc:  # noqa: BLE001 - every compose error becomes one line
         if _debug():
             raise
         raise UsageError(explain_config_exception(exc, overrides)) from exc
+
+
+def release_claims() -> None:
+    """Unlock the directories this process claimed (the run is over; in-process callers run again)."""
+    while _held_locks:
+        os.close(_held_locks.pop())
 
 
 def with_resume_overrides(overrides: list[str]) -> list[str]:
@@ -289,17 +388,30 @@ def run_cmd(ctx: click.Context) -> None:
                 + ", ".join(expansion.cells),
                 err=True,
             )
-        if "--help" not in args:
-            prevalidate(overrides, multirun, writes=not ({"--cfg", "-c", "--info"} & set(args)))
-        if "--help" not in args and not {"--cfg", "-c", "--info"} & set(args):
-            args = join_torchrun_group(args, overrides, multirun)
+        if "--help" not in args and "--version" not in args:
+            check_hydra_flags(args)
+            writes = not ({"--cfg", "-c", "--info"} & set(args))
+            # under torchrun only rank 0 claims the run directory; the others get it from rank 0
+            from opd_cli import distributed
+
+            follower = distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
+            pinned = prevalidate(overrides, multirun, writes=writes and not follower)
+            args = [a for a in args if a not in overrides] + pinned
+            overrides = pinned
+            if writes:
+                args = join_torchrun_group(args, overrides, multirun)
     except OpdError as exc:
+        release_claims()
         if _debug():
             raise
         fail(str(exc))
     from opd_cli.hydra_app import launch
 
-    sys.exit(launch(args, conf_dir(), multirun))
+    try:
+        code = launch(args, conf_dir(), multirun)
+    finally:
+        release_claims()
+    sys.exit(code)
 
 
 # ------------------------------------------------------------------------------------------ opd doctor

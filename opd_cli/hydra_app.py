@@ -64,6 +64,30 @@ def _is_fresh(run_dir: Path) -> bool:
     )
 
 
+# What a previous run left in its directory; `overwrite=true` removes it so that nothing of the old run
+# (its checkpoints above all: `latest` and pruning would mix steps of both runs) survives into the new one.
+PREVIOUS_RUN_OUTPUTS = (
+    "metrics.jsonl",
+    "summary.json",
+    "config.yaml",
+    "checkpoints",
+    "eval",
+    "sft_student",
+    "model",
+    "wandb",
+    "wandb_id",
+)
+
+
+def clear_previous_run(run_dir: Path) -> None:
+    for name in PREVIOUS_RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def _job(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -81,6 +105,8 @@ def _job(cfg: DictConfig) -> dict | None:
         validate(cfg)
         from opd_cli.pipeline import run_data_parallel, run_stage
 
+        if cfg.overwrite and not cfg.resume:
+            clear_previous_run(run_dir)
         if cfg.trainer.nproc > 1 and not distributed.launched_by_torchrun():
             summary = run_data_parallel(cfg, run_dir)
         else:

@@ -85,6 +85,8 @@ def load_model(path: str | Path, device: torch.device, *, trainable: bool = True
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    if Path(str(path)).expanduser().exists():  # a local directory: say what is wrong with it, as load_model
+        check_model_dir(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:

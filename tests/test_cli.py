@@ -27,7 +27,14 @@ def opd(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.C
 
 @pytest.mark.parametrize(
     "args",
-    [["--help"], ["run", "--help"], ["doctor", "--help"], ["bench", "--help"], ["bench", "loss", "--help"]],
+    [
+        ["--help"],
+        ["run", "--help"],
+        ["doctor", "--help"],
+        ["bench", "--help"],
+        ["bench", "loss", "--help"],
+        ["bench", "step", "--help"],
+    ],
 )
 def test_help_has_an_example(args):
     res = opd(*args)

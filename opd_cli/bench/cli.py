@@ -3,6 +3,7 @@
 opd bench loss                 # chunked vs naive loss path at Qwen3 vocabulary size (V=151,936)
 opd bench loss --quick         # a small size, seconds
 opd bench matrix               # wall time of one seed of the testbed matrix
+opd bench step                 # one OPD step: opd (vLLM, HF rollouts) vs TRL's GKDTrainer, same work
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def bench_group() -> None:
     Examples:
       opd bench loss
       opd bench loss --quick
+      opd bench step --quick
       opd bench matrix --from multirun/matrix-20261129-055407
     """
 
@@ -53,6 +55,58 @@ def bench_loss(
     if chunk_size:
         kwargs["chunk_size"] = chunk_size
     table = format_table(run_loss_bench(**kwargs))
+    click.echo(table)
+    if out:
+        atomic_write_text(out, table + "\n")
+
+
+@bench_group.command("step")
+@click.option("--engines", default="vllm,hf,trl", show_default=True, help="Contenders: vllm, hf (opd), trl.")
+@click.option("--batch", type=int, default=64, show_default=True, help="Prompts per step (1 sample each).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--rounds", type=int, default=3, show_default=True, help="Alternating turns per contender.")
+@click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per turn.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads, the same for all.")
+@click.option("--quick", is_flag=True, help="8 prompts x 16 tokens, 1 round of 1 step: a smoke run.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown table here."
+)
+def bench_step(
+    engines: str,
+    batch: int,
+    max_new_tokens: int,
+    rounds: int,
+    steps: int,
+    threads: int,
+    quick: bool,
+    out: str | None,
+) -> None:
+    """Steps/s and tokens/s of one OPD step (testbed student_sft <- teacher_large, reverse KL on full
+    logits, one AdamW step): opd with vLLM and HF rollouts vs TRL's GKDTrainer, alternating in one
+    process, with opd's rollout / teacher / learner / weight-sync split.
+
+    \b
+    Example:
+      opd bench step --out experiments/bench_step_table.md
+    """
+    from opd_cli.bench.step_bench import ENGINES, QUICK, format_table, run_step_bench
+    from opd_cli.cli import fail
+    from opd_cli.errors import OpdError
+    from opd_cli.io import atomic_write_text
+
+    chosen = tuple(e.strip() for e in engines.split(",") if e.strip())
+    if not chosen or set(chosen) - set(ENGINES):
+        fail(f"--engines={engines!r}: choose from {', '.join(ENGINES)} (comma-separated)")
+    if min(batch, max_new_tokens, rounds, steps, threads) < 1:
+        fail("--batch, --max-new-tokens, --rounds, --steps and --threads must be >= 1")
+    sizes = {"batch": batch, "max_new_tokens": max_new_tokens, "rounds": rounds, "steps": steps}
+    if quick:
+        sizes = dict(QUICK)
+    try:
+        result = run_step_bench(chosen, threads=threads, **sizes)
+    except OpdError as exc:
+        fail(str(exc))
+    table = format_table(result)
     click.echo(table)
     if out:
         atomic_write_text(out, table + "\n")
