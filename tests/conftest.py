@@ -1,10 +1,37 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and the `opd` subprocess runner of the end-to-end tests."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_opd(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """`opd <args>` as a user runs it, in a subprocess: offline wandb, one torch thread, in-process vLLM
+    engine, no debug tracebacks. Returns the CompletedProcess (text stdout/stderr)."""
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        **(env or {}),
+    }
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env.pop("OPD_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "opd_cli.cli", *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def build_tiny_model_dir(directory: str | Path, *, seed: int = 0, **config_overrides) -> Path:
@@ -32,3 +59,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     Session-scoped and shared: tests must not write into it (load the model and change the copy).
     """
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random student and a larger tiny random teacher with the same tokenizer (shared, read-only)."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "student": build_tiny_model_dir(root / "student", seed=0),
+        "teacher": build_tiny_model_dir(root / "teacher", seed=1, hidden_size=96, num_layers=3),
+    }

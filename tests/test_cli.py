@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_opd
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def opd(*args: str, cwd: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "opd_cli.cli", *args],
-        cwd=cwd or REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def opd(*args: str, cwd: Path | None = None, timeout: int = 120):
+    return run_opd(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.mark.parametrize(

@@ -36,17 +36,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from conftest import build_tiny_model_dir
-
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "student": build_tiny_model_dir(root / "student", seed=0),
-        "teacher": build_tiny_model_dir(root / "teacher", seed=1, hidden_size=96, num_layers=3),
-    }
-
-
 @pytest.fixture(autouse=True)
 def _one_thread_in_tmp(tmp_path, monkeypatch):
     """Runs write relative to the cwd; one torch thread, as the subprocesses get (same float sums)."""

@@ -5,29 +5,19 @@ grid expansion and slicing, and the CI smoke (a 2-cell few-step multirun on the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_opd
 
 from opd_cli.report import build_report, job_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def opd(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "opd_cli.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def opd(*args: str, cwd: Path | None = None, timeout: int = 600):
+    return run_opd(*args, cwd=cwd, timeout=timeout)
 
 
 def fake_job(

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from conftest import run_opd
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -29,33 +26,13 @@ TINY = [
 LOSS_RTOL = 1e-4
 
 
-def opd(*args: str, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "opd_cli.cli", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def opd(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
+    return run_opd(*args, cwd=cwd, timeout=timeout, env=env)
 
 
 def train_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from conftest import build_tiny_model_dir
-
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "student": build_tiny_model_dir(root / "student", seed=0),
-        "teacher": build_tiny_model_dir(root / "teacher", seed=1, hidden_size=96, num_layers=3),
-    }
 
 
 def base(models, *extra: str) -> list[str]:

@@ -8,13 +8,11 @@ Kill-and-resume, bad inputs and run-directory safety are in test_reliability.py.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_opd
 
 from opd_cli.batching import pack, response_hidden_and_logits
 
@@ -28,27 +26,8 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from conftest import build_tiny_model_dir
-
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "student": build_tiny_model_dir(root / "student", seed=0),
-        "teacher": build_tiny_model_dir(root / "teacher", seed=1, hidden_size=96, num_layers=3),
-    }
-
-
-def opd(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "opd_cli.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def opd(*args: str, cwd: Path | None = None, timeout: int = 600):
+    return run_opd(*args, cwd=cwd, timeout=timeout)
 
 
 def metrics(run_dir: Path) -> list[dict]:
