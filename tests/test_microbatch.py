@@ -227,3 +227,25 @@ def test_micro_batched_run_writes_the_same_metrics(models, tmp_path):
     assert len([r for r in runs[2] if "loss" in r]) == 2
     worst = max(assert_metrics_equal(a, b, rtol=1e-4) for a, b in zip(runs[0], runs[2], strict=True))
     print(f"metrics.jsonl: worst relative difference {worst:.1e}")
+
+
+@pytest.mark.slow
+def test_two_ranks_with_uneven_micro_batch_counts_follow_one_rank(models, tmp_path):
+    """5 prompts on 2 ranks: rank 0 runs 3 micro-batches of 1, rank 1 runs 2 and a zero-weight third
+    (DDP's forwards and backwards are collectives); the loss curve is the whole-batch 1-rank one."""
+    args = base(models, "trainer.steps=2", "loss=topk_rkl", "loss.chunk_size=8")
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = opd("run", *args, f"hydra.run.dir={one}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = opd(
+        "run", *args, "trainer.nproc=2", "trainer.micro_batch_size=1", f"hydra.run.dir={two}", cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        for d in (one, two)
+    )
+    assert [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "student_mass_in_support", "topk_overlap", "tokens"):
+            assert math.isclose(ra[key], rb[key], rel_tol=1e-4, abs_tol=1e-7), (key, ra[key], rb[key])
