@@ -159,7 +159,8 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     samples = math.ceil(tc.prompts_per_step * r.n / ranks)
     seq = prompt_tokens + r.max_new_tokens
     tokens = samples * seq
-    micro = min(tc.micro_batch_size or samples, samples)  # sequences per forward/backward
+    opd_stage = cfg.stage == "opd"  # micro-batching and checkpointing are the OPD learner's (sft/rlvr: not)
+    micro = min(tc.micro_batch_size or samples, samples) if opd_stage else samples  # per forward/backward
     mb_tokens, mb_response = micro * seq, micro * r.max_new_tokens
     cuda = tc.device == "cuda" or (tc.device == "auto" and detected_device_memory_gb() is not None)
     act_bytes = 2 if cuda else 4  # bf16 autocast on CUDA, fp32 on CPU
@@ -169,7 +170,9 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     v = student.vocab
     chunked = cfg.loss.chunk_size > 0
     logit_rows = cfg.loss.chunk_size if chunked else mb_response
-    if tc.activation_checkpointing:  # each layer's fp32 input, plus one layer recomputed in backward
+    if (
+        tc.activation_checkpointing and opd_stage
+    ):  # each layer's fp32 input, plus one layer recomputed in backward
         act_name = "activations (checkpointed)"
         act = mb_tokens * (
             student.layers * student.hidden * 4 + student.layer_activation_values_per_token() * act_bytes

@@ -141,13 +141,24 @@ def test_activation_checkpointing_gives_the_same_step(models, tmp_path):
     extra = ["loss=topk_rkl", "loss.chunk_size=5"]
     whole, g_whole, _, rollouts, run = one_step(models, tmp_path, extra)
     assert not run.model.is_gradient_checkpointing
-    ckpt, g_ckpt, _, _, run = one_step(
-        models,
-        tmp_path,
-        [*extra, "trainer.micro_batch_size=2", "trainer.activation_checkpointing=true"],
-        rollouts,
+    # decoder-layer calls, student and teacher: under checkpointing the student's run again in backward (a
+    # pre-hook: the recompute stops early, before a forward hook would fire)
+    calls, layer = [], type(run.model.get_decoder().layers[0])
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(1) if isinstance(module, layer) else None
     )
-    assert run.model.is_gradient_checkpointing
+    try:
+        one_step(models, tmp_path, [*extra, "trainer.micro_batch_size=2"], rollouts)
+        plain, calls[:] = len(calls), []
+        ckpt, g_ckpt, _, _, run = one_step(
+            models,
+            tmp_path,
+            [*extra, "trainer.micro_batch_size=2", "trainer.activation_checkpointing=true"],
+            rollouts,
+        )
+    finally:
+        hook.remove()
+    assert run.model.is_gradient_checkpointing and len(calls) > plain > 0, (plain, len(calls))
     assert_metrics_equal(whole, ckpt)
     assert max_rel(g_whole, g_ckpt) < RTOL
 
@@ -199,6 +210,10 @@ def test_plan_shrinks_per_micro_batch():
     # the recipe's own settings fit an 80 GiB GPU
     recipe = memory_plan(compose(["experiment=qwen3_opd_8b_topk", "trainer.device_memory_gb=80"]))
     assert recipe["micro_batch"] == 2 and recipe["total_gb"] < 80
+    # the rlvr stage shares the recipe but not micro-batching: its plan keeps the whole batch
+    rlvr = memory_plan(compose(["experiment=qwen3_rlvr_teacher"]))
+    assert rlvr["micro_batch"] == rlvr["samples_per_rank"] == 256
+    assert "activations (no checkpointing)" in dict(rlvr["rows"])
 
 
 def opd(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
