@@ -5,6 +5,7 @@ Used by every stage (pretraining and SFT of the testbed, OPD/OPSD, RLVR): one op
 clipping -> `optimizer.step()` -> scheduler step.
 A NaN/inf loss or gradient never reaches the weights: the step raises `NonFiniteError` instead.
 On CUDA the forward runs under bf16 autocast with fp32 master weights; on CPU everything is fp32.
+Frozen models (the OPD teacher) have no master weights: `weights_dtype` loads them in bf16 on CUDA.
 """
 
 from __future__ import annotations

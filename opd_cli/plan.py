@@ -170,9 +170,8 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     v = student.vocab
     chunked = cfg.loss.chunk_size > 0
     logit_rows = cfg.loss.chunk_size if chunked else mb_response
-    if (
-        tc.activation_checkpointing and opd_stage
-    ):  # each layer's fp32 input, plus one layer recomputed in backward
+    checkpointed = tc.activation_checkpointing and opd_stage
+    if checkpointed:  # each layer's fp32 input, plus one layer's activations recomputed in backward
         act_name = "activations (checkpointed)"
         act = mb_tokens * (
             student.layers * student.hidden * 4 + student.layer_activation_values_per_token() * act_bytes
