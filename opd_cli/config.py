@@ -55,7 +55,7 @@ class TeacherConfig:
     # self_pi: the teacher's user message; {problem} and any row field may appear.
     prompt_template: str = "{problem}"
     system_prompt_from_pi: bool = False  # self_pi with a shared rule: the PI is the system prompt
-    dtype: str = "auto"
+    dtype: str = "auto"  # teacher weights: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     enable_thinking: bool | None = None  # the teacher's chat template; None = same as model.enable_thinking
 
 
@@ -112,6 +112,11 @@ class TrainerConfig:
     nproc: int = 1  # data-parallel learner ranks started by opd (1 = this process; torchrun sets its own)
     parallel: str = "ddp"  # ddp (full weights per rank) | fsdp (FSDP2 fully_shard: sharded weights/optimizer)
     device_memory_gb: float | None = None  # memory per device for `opd plan`; None = detected
+    # OPD/OPSD learner (stage=opd; sft/rlvr ignore both): sequences per forward/backward, teacher scoring
+    # included; gradients accumulate into one optimizer step equal to the whole-batch one. 0 = the rank's
+    # whole batch at once.
+    micro_batch_size: int = 0
+    activation_checkpointing: bool = False  # recompute the student's layer activations in backward
     # rlvr stage (GRPO)
     clip_eps: float = 0.2
     kl_coef: float = 0.0
@@ -292,6 +297,11 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError(f"trainer.betas={list(c.trainer.betas)!r} must be two numbers in [0, 1)")
     _at_least("trainer.grad_clip", c.trainer.grad_clip, 0.0)
     _at_least("trainer.save_every", c.trainer.save_every, 1)
+    if c.trainer.micro_batch_size < 0:
+        raise ConfigError(
+            f"trainer.micro_batch_size={c.trainer.micro_batch_size!r} must be >= 0; use 0 (the whole batch "
+            f"at once) or the number of sequences per forward/backward"
+        )
     _one_of("trainer.device", c.trainer.device, ("auto", "cpu", "cuda"))
     _validate_parallel(c)
     for key in ("model.dtype", "teacher.dtype"):

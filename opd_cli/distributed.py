@@ -8,7 +8,9 @@ Every rank holds the student, the teacher and its own rollout engine. A step's g
 r+2W, ... and samples prompt i with the seed derive_seed(step seed, i, j) of its *global* index i, so
 the rollouts of a global batch are the same for any world size W. The loss of each rank is rescaled by
 (local count x W / global count), so DDP's gradient average equals the gradient of the global
-token (or sequence) mean: a 2-rank run follows the 1-rank loss curve up to float round-off.
+token (or sequence) mean: a 2-rank run follows the 1-rank loss curve up to float round-off. With
+`trainer.micro_batch_size` each micro-batch's loss is rescaled by its own count x W / global count, and
+every rank runs as many micro-batches as the busiest one (forwards and backwards are collectives).
 
 Learner wrapping (`trainer.parallel`): `ddp` (DistributedDataParallel; every rank keeps the full
 weights, gradients are all-reduced in backward) or `fsdp` (FSDP2 `fully_shard` per decoder layer:
@@ -145,6 +147,16 @@ def wrap(module: torch.nn.Module, parallel: str, device: torch.device) -> torch.
         fully_shard(module, mesh=mesh)
         return module
     raise OpdError(f"trainer.parallel={parallel!r} is not allowed; choose one of: ddp, fsdp")
+
+
+def no_sync(module: torch.nn.Module, last: bool):
+    """Gradient accumulation over micro-batches: DDP skips its gradient all-reduce in every backward but
+    the last one (which reduces the accumulated gradients). FSDP2 reduce-scatters every micro-batch into
+    the sharded gradients (skipping it would keep unsharded gradients on every rank); with one process
+    there is nothing to sync. Every rank must run the same number of micro-batches."""
+    if last or world_size() == 1 or not hasattr(module, "no_sync"):
+        return contextlib.nullcontext()
+    return module.no_sync()
 
 
 def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:

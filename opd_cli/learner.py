@@ -1,9 +1,11 @@
 """The PyTorch learner: model loading, device and precision, AdamW with a warmup schedule, a guarded step.
 
 Used by every stage (pretraining and SFT of the testbed, OPD/OPSD, RLVR): one optimizer step is
-`loss.backward()` -> non-finite check -> gradient clipping -> `optimizer.step()` -> scheduler step.
+`loss.backward()` (once, or once per micro-batch with `backward`) -> non-finite check -> gradient
+clipping -> `optimizer.step()` -> scheduler step.
 A NaN/inf loss or gradient never reaches the weights: the step raises `NonFiniteError` instead.
 On CUDA the forward runs under bf16 autocast with fp32 master weights; on CPU everything is fp32.
+Frozen models (the OPD teacher) have no master weights: `weights_dtype` loads them in bf16 on CUDA.
 """
 
 from __future__ import annotations
@@ -63,13 +65,25 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: torch.device, *, trainable: bool = True) -> torch.nn.Module:
-    """A causal LM in fp32 master weights (autocast handles bf16 compute on CUDA)."""
+def weights_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
+    """The dtype of frozen weights (the teacher's): auto = bf16 on CUDA (when supported), else fp32."""
+    if preference != "auto":
+        return getattr(torch, preference)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(
+    path: str | Path, device: torch.device, *, trainable: bool = True, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """A causal LM, by default in fp32 master weights (autocast handles bf16 compute on CUDA); frozen
+    models (the teacher) may be loaded in `dtype` directly."""
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(path) if Path(str(path)).expanduser().exists() else path
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except OSError as exc:
         raise OpdError(
             f"could not load model {path}: {str(exc).splitlines()[0]}; check the path or, for a hub "
@@ -141,12 +155,18 @@ class Learner:
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
 
-    def step(self, loss: torch.Tensor) -> dict[str, float]:
-        """Backward, check, clip, update. Returns grad norm (before clipping) and the lr used."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Check the loss and accumulate its gradient (one call per micro-batch, then `step()`)."""
         if not torch.isfinite(loss.detach()).all():
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"non-finite loss ({loss.item()}); the step was skipped")
         loss.backward()
+
+    def step(self, loss: torch.Tensor | None = None) -> dict[str, float]:
+        """Backward (unless the gradients were accumulated with `backward`), check, clip, update.
+        Returns grad norm (before clipping) and the lr used."""
+        if loss is not None:
+            self.backward(loss)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -7,15 +7,22 @@
 Per device (one data-parallel rank), in GiB, as the code allocates it:
 - student parameters fp32 (master weights; bf16 only under autocast), gradients fp32, Adam's two fp32
   states: 4 + 4 + 8 bytes per parameter, divided by the ranks under trainer.parallel=fsdp;
-- teacher parameters, fp32 (loaded like the student, frozen; none for OPSD's frozen copy: it is a
-  second copy of the student);
-- activations kept for backward: per token and layer ~ (4 H + (heads + 2 kv_heads) head_dim + 3 I)
-  values in the compute dtype (no activation checkpointing; SDPA keeps no [T, T] scores);
-- logits / loss: the teacher's full-vocabulary log-probs [tokens, V] fp32, plus the student's logits,
-  log-softmax and their gradient (3 x [tokens, V] fp32), or 3 x [loss.chunk_size, V] with the chunked path;
+- teacher parameters in teacher.dtype (auto: bf16 on CUDA, fp32 on CPU; frozen); OPSD's frozen copy of
+  the student is a second model of the student's shape;
+- everything below scales with one micro-batch (trainer.micro_batch_size sequences; 0 = the rank's whole
+  batch), because the step scores, differentiates and frees one micro-batch at a time:
+- student activations kept for backward: per token and layer ~ (4 H + (heads + 2 kv_heads) head_dim + 3 I)
+  values in the compute dtype (SDPA keeps no [T, T] scores); with trainer.activation_checkpointing only
+  each layer's fp32 input (H values) is kept, plus one layer's activations recomputed in backward;
+- the teacher's output kept for the loss: its hidden states [tokens, H_t] on the chunked path (the loss
+  makes its log-probs chunk by chunk), else its full-vocabulary log-probs [tokens, V] fp32; plus its
+  forward's transient (one layer's activations, no gradient);
+- student logits, log-softmax and their gradient: 3 x [tokens, V] fp32, or 3 x [loss.chunk_size, V] with
+  the chunked path;
 - vLLM: bf16 weights / tensor_parallel_size and the KV cache of this rank's sequences
   (2 x layers x kv_heads x head_dim x 2 bytes per token); when the device memory is known, vLLM reserves
   rollout.gpu_memory_utilization of it instead, and that reservation is what the plan counts.
+The rows add up to an upper bound: the teacher's forward transient is freed before the student's forward.
 
 Tokens per rank = ceil(prompts_per_step x rollout.n / ranks) x (prompt tokens + rollout.max_new_tokens);
 the prompt length is an assumption (--prompt-tokens, default 512). Hub ids that are not on disk resolve
@@ -79,8 +86,11 @@ class ModelShape:
         return 2 * self.layers * self.kv_heads * self.head_dim * 2
 
     def activation_values_per_token(self) -> int:
+        return self.layers * self.layer_activation_values_per_token()
+
+    def layer_activation_values_per_token(self) -> int:
         qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
-        return self.layers * (4 * self.hidden + qkv + 3 * self.intermediate)
+        return 4 * self.hidden + qkv + 3 * self.intermediate
 
 
 def _qwen3(hidden, layers, heads, intermediate, tied) -> dict:
@@ -148,21 +158,48 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     shard = ranks if sharded else 1
     samples = math.ceil(tc.prompts_per_step * r.n / ranks)
     seq = prompt_tokens + r.max_new_tokens
-    tokens, response_tokens = samples * seq, samples * r.max_new_tokens
+    tokens = samples * seq
+    opd_stage = cfg.stage == "opd"  # micro-batching and checkpointing are the OPD learner's (sft/rlvr: not)
+    micro = min(tc.micro_batch_size or samples, samples) if opd_stage else samples  # per forward/backward
+    mb_tokens, mb_response = micro * seq, micro * r.max_new_tokens
     cuda = tc.device == "cuda" or (tc.device == "auto" and detected_device_memory_gb() is not None)
     act_bytes = 2 if cuda else 4  # bf16 autocast on CUDA, fp32 on CPU
+    t_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    t_bytes = 4 if t_dtype == "float32" else 2
+    t_name = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[t_dtype]
     v = student.vocab
-    logit_rows = cfg.loss.chunk_size if cfg.loss.chunk_size > 0 else response_tokens
+    chunked = cfg.loss.chunk_size > 0
+    logit_rows = cfg.loss.chunk_size if chunked else mb_response
+    checkpointed = tc.activation_checkpointing and opd_stage
+    if checkpointed:  # each layer's fp32 input, plus one layer's activations recomputed in backward
+        act_name = "activations (checkpointed)"
+        act = mb_tokens * (
+            student.layers * student.hidden * 4 + student.layer_activation_values_per_token() * act_bytes
+        )
+    else:
+        act_name = "activations (no checkpointing)"
+        act = mb_tokens * student.activation_values_per_token() * act_bytes
+    if chunked:
+        teacher_out = (
+            "teacher hidden states [tokens, H_t]",
+            mb_response * teacher.hidden * max(t_bytes, act_bytes),
+        )
+    else:
+        teacher_out = ("teacher log-probs [tokens, V] fp32", mb_response * v * 4)
     rows = [
         ("student parameters (fp32)", 4 * student.params / shard),
         ("student gradients (fp32)", 4 * student.params / shard),
         ("Adam states (2 x fp32)", 8 * student.params / shard),
-        ("teacher parameters (fp32, frozen)", 4 * teacher.params),
-        ("activations (no checkpointing)", tokens * student.activation_values_per_token() * act_bytes),
-        ("teacher log-probs [tokens, V] fp32", response_tokens * v * 4),
+        (f"teacher parameters ({t_name}, frozen)", t_bytes * teacher.params),
+        (act_name, act),
+        teacher_out,
+        (
+            "teacher forward (transient, one layer)",
+            mb_tokens * teacher.layer_activation_values_per_token() * min(t_bytes, act_bytes),
+        ),
         (
             "student logits + grad "
-            + (f"(chunks of {cfg.loss.chunk_size})" if cfg.loss.chunk_size else "[tokens, V] x3 fp32"),
+            + (f"(chunks of {cfg.loss.chunk_size})" if chunked else "[tokens, V] x3 fp32"),
             3 * logit_rows * v * 4,
         ),
     ]
@@ -183,6 +220,7 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
         "tensor_parallel_size": tp,
         "samples_per_rank": samples,
         "tokens_per_rank": tokens,
+        "micro_batch": micro,
         "prompt_tokens": prompt_tokens,
         "rows": [(name, b / GIB) for name, b in rows],
         "total_gb": total / GIB,
@@ -196,7 +234,8 @@ def format_plan(plan: dict) -> str:
     lines = [
         f"memory plan per device ({plan['ranks']} rank(s), {plan['parallel']}, vLLM TP "
         f"{plan['tensor_parallel_size']}); {plan['samples_per_rank']} samples x "
-        f"({plan['prompt_tokens']} prompt + response) = {plan['tokens_per_rank']} tokens per rank",
+        f"({plan['prompt_tokens']} prompt + response) = {plan['tokens_per_rank']} tokens per rank, "
+        f"{plan['micro_batch']} sequence(s) per micro-batch (tokens below: one micro-batch's)",
         f"  student {s_params / 1e9:.2f}B params: {s_src}",
         f"  teacher {t_params / 1e9:.2f}B params: {t_src}",
     ]
@@ -215,9 +254,11 @@ def format_plan(plan: dict) -> str:
 def check_fit(plan: dict) -> None:
     mem = plan["device_memory_gb"]
     if mem and plan["total_gb"] > mem:
-        biggest = max(plan["rows"], key=lambda row: row[1])
+        counted = [row for row in plan["rows"] if not row[0].startswith("  ")]  # "of which" rows are not
+        biggest = max(counted, key=lambda row: row[1])
         raise PlanError(
             f"the plan needs {plan['total_gb']:.1f} GiB per device but it has {mem:.1f} GiB (largest: "
-            f"{biggest[0].strip()} {biggest[1]:.1f} GiB); raise trainer.nproc, use trainer.parallel=fsdp, "
-            f"set loss.chunk_size, or lower trainer.prompts_per_step / rollout.max_new_tokens"
+            f"{biggest[0].strip()} {biggest[1]:.1f} GiB); lower trainer.micro_batch_size, set "
+            f"trainer.activation_checkpointing=true or loss.chunk_size, raise trainer.nproc, use "
+            f"trainer.parallel=fsdp, or lower rollout.gpu_memory_utilization / rollout.max_new_tokens"
         )

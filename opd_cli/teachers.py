@@ -23,7 +23,7 @@ import torch
 
 from opd_cli.batching import pack, response_hidden_and_logits
 from opd_cli.errors import OpdError
-from opd_cli.losses import TeacherLogprobs
+from opd_cli.losses import TeacherHidden, TeacherLogprobs
 from opd_cli.tasks.base import Row, Task
 
 
@@ -134,8 +134,12 @@ class Teacher:
         return chat_prompt_ids(self.tokenizer, self.prompts.messages(row), self.enable_thinking)
 
     @torch.no_grad()
-    def score(self, rows: list[Row], responses: list[list[int]]) -> TeacherLogprobs:
-        """Full-vocabulary log-probs [B, T, V] of the teacher at every response position."""
+    def score(
+        self, rows: list[Row], responses: list[list[int]], *, hidden: bool = False
+    ) -> TeacherLogprobs | TeacherHidden:
+        """Full-vocabulary log-probs [B, T, V] of the teacher at every response position, or with
+        `hidden=True` only its final hidden states [B, T, Ht] and LM head (what the chunked loss needs:
+        it computes the log-probs chunk by chunk, so [B, T, V] never exists)."""
         prompts = [self.prompt_ids(r) for r in rows]
         if self.max_len is not None:
             longest = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
@@ -147,5 +151,9 @@ class Teacher:
                 )
         batch = pack(prompts, responses, self.tokenizer.pad_token_id).to(self.device)
         with self.amp() if self.amp else torch.autocast("cpu", enabled=False):
-            _, logits = response_hidden_and_logits(self.model, batch)
+            states, logits = response_hidden_and_logits(self.model, batch, logits=not hidden)
+        if hidden:
+            head = self.model.get_output_embeddings()
+            return TeacherHidden(states, head.weight, head.bias)
+        del states
         return TeacherLogprobs(full=torch.log_softmax(logits.float(), dim=-1))

@@ -124,18 +124,19 @@ def test_plan_numbers_and_the_fit_error(tmp_path):
     # Qwen3-8B: 8.19B parameters (embeddings untied); Qwen3-1.7B: 1.72B (tied)
     assert round(ModelShape.from_config(KNOWN_CONFIGS["Qwen/Qwen3-8B"]).params / 1e9, 2) == 8.19
     assert round(ModelShape.from_config(KNOWN_CONFIGS["Qwen/Qwen3-1.7B"]).params / 1e9, 2) == 1.72
-    one = memory_plan(compose(["experiment=qwen3_opd_8b_topk"]))
+    whole = ["trainer.micro_batch_size=0", "trainer.activation_checkpointing=false", "loss.chunk_size=0"]
+    one = memory_plan(compose(["experiment=qwen3_opd_8b_topk", *whole]))
     fsdp = memory_plan(
-        compose(
-            ["experiment=qwen3_opd_8b_topk", "trainer.nproc=8", "trainer.parallel=fsdp", "loss.chunk_size=0"]
-        )
+        compose(["experiment=qwen3_opd_8b_topk", *whole, "trainer.nproc=8", "trainer.parallel=fsdp"])
     )
     rows1, rows8 = dict(one["rows"]), dict(fsdp["rows"])
     assert math.isclose(rows8["Adam states (2 x fp32)"] * 8, rows1["Adam states (2 x fp32)"])
-    assert rows8["teacher parameters (fp32, frozen)"] == rows1["teacher parameters (fp32, frozen)"]
-    # teacher log-probs: 64 samples x 4096 response tokens x 151936 x 4 bytes
+    # the teacher is frozen: bf16 weights on CUDA (teacher.dtype=auto), not sharded
+    assert rows8["teacher parameters (bf16, frozen)"] == rows1["teacher parameters (bf16, frozen)"]
+    assert math.isclose(rows1["teacher parameters (bf16, frozen)"], 2 * 8190735360 / GIB, rel_tol=1e-3)
+    # teacher log-probs of the whole batch: 64 samples x 4096 response tokens x 151936 x 4 bytes
     assert math.isclose(rows1["teacher log-probs [tokens, V] fp32"], 64 * 4096 * 151936 * 4 / GIB)
-    res = opd("plan", "experiment=qwen3_opd_8b_topk", "trainer.device_memory_gb=80", cwd=tmp_path)
+    res = opd("plan", "experiment=qwen3_opd_8b_topk", *whole, "trainer.device_memory_gb=80", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert "needs" in res.stderr and "80.0 GiB" in res.stderr and "trainer.nproc" in res.stderr
     res = opd("plan", "model.path=/no/such/model", cwd=tmp_path)

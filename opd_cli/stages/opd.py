@@ -11,6 +11,8 @@ One step, as in the paper: the student samples responses to a batch of prompts (
 holds the learner's current weights); the teacher scores every response token under its own prompt;
 the learner recomputes the student's logits with gradients and applies the selected divergence; the
 new weights go back to the engine. Everything a step logs is computed from tensors it already has.
+With `trainer.micro_batch_size=m` the teacher scoring, the loss and the backward run m sequences at a
+time and the gradients accumulate into the step's one optimizer update, equal to the whole-batch one.
 Rollouts of step s depend only on (seed, s, weights), so a resumed run regenerates the same batches,
 and a data-parallel run (each rank rolls out its share of the step's prompts, seeded by their global
 positions) produces the same batches as one process.
@@ -19,6 +21,7 @@ positions) produces the same batches as one process.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -32,7 +35,15 @@ from opd_cli.checkpoint import latest_checkpoint, load_trainer_state, save_check
 from opd_cli.diagnostics import CollapseDetector, loss_signals, rollout_signals
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_json
-from opd_cli.learner import Learner, NonFiniteError, autocast_dtype, load_model, load_tokenizer, pick_device
+from opd_cli.learner import (
+    Learner,
+    NonFiniteError,
+    autocast_dtype,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    weights_dtype,
+)
 from opd_cli.losses_chunked import chunked_loss
 from opd_cli.progress import StepProgress
 from opd_cli.rollout.base import SamplingConfig, derive_seed, make_engine
@@ -65,6 +76,22 @@ def check_k_fits(loss_cfg, vocab_size: int) -> None:
         )
 
 
+def merge_micro_batches(
+    per_token: list[dict[str, torch.Tensor]], masks: list[torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The micro-batches' [b, T_j] diagnostics and masks as one [B, T] batch (zero-padded to the widest):
+    the tensors the whole-batch step would have produced."""
+    if len(masks) == 1:
+        return per_token[0], masks[0]
+    width = max(m.shape[1] for m in masks)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    merged = {k: torch.cat([pad(d[k]) for d in per_token]) for k in per_token[0]}
+    return merged, torch.cat([pad(m) for m in masks])
+
+
 def batch_rows(rows: list[dict], step: int, seed: int, size: int) -> list[dict]:
     """The prompts of step `step`: a fixed function of (seed, step), so resume replays them."""
     rng = random.Random(derive_seed(seed, step, 7))
@@ -91,7 +118,10 @@ class OPDRun:
         # The OPSD teacher is a frozen copy of the step-0 student: the same checkpoint, loaded again.
         teacher_path = student_path if cfg.teacher.kind == "self_pi" else resolve_path(cfg.teacher.path, cfg)
         teacher_tok = self.tokenizer if teacher_path == student_path else load_tokenizer(teacher_path)
-        teacher_model = load_model(teacher_path, self.device, trainable=False)
+        # frozen, so no fp32 master copy: bf16 weights on CUDA by default (teacher.dtype)
+        teacher_model = load_model(
+            teacher_path, self.device, trainable=False, dtype=weights_dtype(self.device, cfg.teacher.dtype)
+        )
         check_same_vocabulary(self.tokenizer, teacher_tok, self.model, teacher_model)
         self.student_prompts: PromptBuilder = student_prompt_builder(self.task, cfg.teacher)
         self.teacher = Teacher(
@@ -108,6 +138,8 @@ class OPDRun:
         self.teacher.prompt_ids(self.train_rows[0])  # fail now, not at step 1, on a bad PI template
 
         tc = cfg.trainer
+        if tc.activation_checkpointing:  # keep each layer's input only; recompute the rest in backward
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # DDP / FSDP wrap the forward that the loss differentiates; the learner optimizes the (possibly
         # sharded) parameters it leaves in self.model.
         self.forward = distributed.wrap(ResponseForward(self.model), tc.parallel, self.device)
@@ -297,83 +329,125 @@ class OPDRun:
             )
             return {**metrics, "skipped_batches": self.skipped_batches}
 
-        teacher_lp = self.teacher.score(sample_rows, responses)
-        t2 = time.perf_counter()
-
-        batch = pack([s.prompt_ids for s in samples], responses, self.tokenizer.pad_token_id).to(self.device)
         kwargs = loss_kwargs(cfg.loss)
-        if cfg.loss.name == "sampled_rkl":
-            kwargs["behavior_logprobs"] = self._behavior_logprobs(samples, batch.response_mask.shape)
-        with self.learner.autocast():
-            chunked = cfg.loss.chunk_size > 0
-            hidden, logits = self.forward(
-                batch.input_ids, batch.attention_mask, batch.response_index, logits=not chunked
-            )
-            if chunked:
-                head = self.model.get_output_embeddings()
-                out = chunked_loss(
-                    cfg.loss.name,
-                    hidden,
-                    head.weight,
-                    teacher_lp,
-                    batch.response_ids,
-                    batch.response_mask,
-                    chunk_size=cfg.loss.chunk_size,
-                    lm_head_bias=head.bias,
-                    **kwargs,
+        chunked = cfg.loss.chunk_size > 0
+        diagnose = not chunked and (self.step + 1) % cfg.diagnostics.every == 0
+        world = distributed.world_size()
+        # The loss of each micro-batch is a mean over its own tokens (or sequences); rescaled by its count
+        # x W / global count, the accumulated gradient (averaged over ranks by DDP) is the gradient of the
+        # mean over the whole global batch, and the scaled values sum to that mean.
+        total = max(distributed.all_reduce_sum(self.loss_count(responses), self.device), 1.0)
+        loss_value = cosine = teacher_time = 0.0
+        per_token, masks = [], []
+        micro = self.micro_batches(len(samples))
+        for i, (part, real) in enumerate(micro):
+            ta = time.perf_counter()
+            # chunked: only the teacher's hidden states; the loss makes its log-probs chunk by chunk
+            teacher_out = self.teacher.score(sample_rows[part], responses[part], hidden=chunked)
+            teacher_time += time.perf_counter() - ta
+            batch = pack(
+                [s.prompt_ids for s in samples[part]], responses[part], self.tokenizer.pad_token_id
+            ).to(self.device)
+            mb_kwargs = dict(kwargs)
+            if cfg.loss.name == "sampled_rkl":
+                mb_kwargs["behavior_logprobs"] = self._behavior_logprobs(
+                    samples[part], batch.response_mask.shape
                 )
-            else:
-                out = losses.compute_loss(
-                    cfg.loss.name, logits, teacher_lp, batch.response_ids, batch.response_mask, **kwargs
+            count = self.loss_count(responses[part]) if real else 0.0
+            with distributed.no_sync(self.forward, last=i == len(micro) - 1):
+                with self.learner.autocast():
+                    out, anchor, logits = self.micro_loss(batch, teacher_out, mb_kwargs)
+                scaled = out.loss * (count * world / total)
+                if count == 0 and world > 1:  # still touch every parameter so the gradient all-reduce runs
+                    head = self.model.get_output_embeddings().weight
+                    scaled = scaled + 0.0 * anchor.sum() + 0.0 * head.sum()
+                self.learner.backward(scaled)
+            loss_value += float(scaled.detach())
+            if real:
+                per_token.append(out.per_token)
+                masks.append(batch.response_mask)
+            if real and diagnose:  # token-weighted: the mean over this rank's tokens
+                cosine += float(batch.response_mask.sum()) * float(
+                    losses.grad_cosine_to_full_rkl(
+                        cfg.loss.name,
+                        logits.detach(),
+                        teacher_out,
+                        batch.response_ids,
+                        batch.response_mask,
+                        **mb_kwargs,
+                    )
                 )
-        loss, global_loss = self.global_mean(out.loss, batch.response_mask, hidden if chunked else logits)
-        metrics.update(self.global_loss_signals(out.per_token, batch.response_mask, correct))
-        if logits is not None and (self.step + 1) % cfg.diagnostics.every == 0:
-            cosine = losses.grad_cosine_to_full_rkl(
-                cfg.loss.name,
-                logits.detach(),
-                teacher_lp,
-                batch.response_ids,
-                batch.response_mask,
-                **kwargs,
-            )  # with several ranks: the mean of the ranks' cosines
+            del teacher_out, batch, out, anchor, logits, scaled  # before the next micro-batch allocates
+        metrics.update(self.global_loss_signals(*merge_micro_batches(per_token, masks), correct))
+        if diagnose:  # with several ranks: the mean of the ranks' cosines
+            n_local = max(float(sum(len(r) for r in responses)), 1.0)
             metrics["grad_cosine_to_full_rkl"] = (
-                distributed.all_reduce_sum(float(cosine), self.device) / distributed.world_size()
+                distributed.all_reduce_sum(cosine / n_local, self.device) / world
             )
-        metrics["loss"] = global_loss
-        metrics.update(self.learner.step(loss))
+        metrics["loss"] = distributed.all_reduce_sum(loss_value, self.device) / world
+        metrics.update(self.learner.step())
         t3 = time.perf_counter()
+        t2 = t1 + teacher_time  # teacher scoring is interleaved with the learner's micro-batches
         sync = self.engine.sync_weights(self.model)
         t4 = time.perf_counter()
-        total = t4 - t0
+        total_time = t4 - t0
         metrics.update(
             {
                 "time/rollout": t1 - t0,
                 "time/teacher": t2 - t1,
                 "time/learner": t3 - t2,
                 "time/sync": t4 - t3,
-                "time/step": total,
-                "time/sync_fraction": sync / total,
+                "time/step": total_time,
+                "time/sync_fraction": sync / total_time,
                 "tokens": sum(len(r) for r in all_responses),
             }
         )
         return metrics
 
-    def global_mean(self, loss: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor):
-        """(loss to backpropagate, global loss value). This rank's loss is a mean over its own tokens (or
-        sequences); rescaled by local count x W / global count, DDP's gradient average becomes the
-        gradient of the mean over the whole global batch. One process: (loss, float(loss))."""
-        world = distributed.world_size()
-        if world == 1:
-            return loss, float(loss.detach())
-        seq = self.cfg.loss.reduction == "seq_mean"
-        local = float((mask.sum(1) > 0).sum() if seq else mask.sum())
-        total = distributed.all_reduce_sum(local, self.device)
-        scaled = loss * (local * world / max(total, 1.0))
-        if local == 0:  # no tokens here: still touch every parameter so the gradient all-reduce runs
-            scaled = scaled + 0.0 * anchor.sum() + 0.0 * self.model.get_output_embeddings().weight.sum()
-        value = distributed.all_reduce_sum(float(scaled.detach()), self.device) / world
-        return scaled, value
+    def micro_loss(self, batch, teacher_out, kwargs: dict):
+        """The loss on one packed micro-batch, under autocast: (LossOutput, the forward output that
+        anchors an empty micro-batch to the graph, logits [B, T, V] or None on the chunked path)."""
+        cfg = self.cfg
+        chunked = cfg.loss.chunk_size > 0
+        hidden, logits = self.forward(
+            batch.input_ids, batch.attention_mask, batch.response_index, logits=not chunked
+        )
+        if not chunked:
+            out = losses.compute_loss(
+                cfg.loss.name, logits, teacher_out, batch.response_ids, batch.response_mask, **kwargs
+            )
+            return out, logits, logits
+        head = self.model.get_output_embeddings()
+        out = chunked_loss(
+            cfg.loss.name,
+            hidden,
+            head.weight,
+            teacher_out,
+            batch.response_ids,
+            batch.response_mask,
+            chunk_size=cfg.loss.chunk_size,
+            lm_head_bias=head.bias,
+            **kwargs,
+        )
+        return out, hidden, None
+
+    def loss_count(self, responses: list[list[int]]) -> float:
+        """What the loss averages over: response tokens (token_mean) or non-empty sequences (seq_mean)."""
+        if self.cfg.loss.reduction == "seq_mean":
+            return float(sum(len(r) > 0 for r in responses))
+        return float(sum(len(r) for r in responses))
+
+    def micro_batches(self, n: int) -> list[tuple[slice, bool]]:
+        """(slice of this rank's n samples, real) per micro-batch of trainer.micro_batch_size sequences
+        (0 = one micro-batch). Every rank runs as many micro-batches as the busiest rank, because DDP and
+        FSDP forwards and backwards are collectives: a rank with fewer repeats its last one at weight 0
+        (real=False: no gradient, no metrics)."""
+        size = self.cfg.trainer.micro_batch_size
+        if size <= 0:
+            return [(slice(0, n), True)]
+        parts = [(slice(start, min(start + size, n)), True) for start in range(0, n, size)]
+        busiest = max(math.ceil(c / size) for c in distributed.all_gather_objects(n))
+        return parts + [(parts[-1][0], False)] * (busiest - len(parts))
 
     def global_loss_signals(self, per_token: dict, mask: torch.Tensor, correct: list[bool]) -> dict:
         """loss_signals over the global batch (every rank's per-token diagnostics, padded to one width)."""

@@ -1,0 +1,266 @@
+"""Micro-batched OPD steps (`trainer.micro_batch_size`): the same loss, metrics, gradients and weights as the
+whole-batch step; activation checkpointing; the bf16 teacher default; the memory plan per micro-batch.
+
+In-process steps replay one set of rollouts through two fresh runs (micro_batch_size 0 and 2), so any
+difference comes from the learner, never from sampling. Tiny random models, CPU, fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+RTOL = 1e-5
+TINY = [
+    "trainer.prompts_per_step=5",  # micro-batches of 2, 2, 1: unequal sizes and token counts
+    "eval.size=4",
+    "eval.every=0",
+    "eval.max_new_tokens=8",
+    "rollout.max_new_tokens=16",
+    "rollout=hf",
+    "logger=none",
+    "task.train_size=64",
+    "diagnostics.every=1",  # the gradient-cosine diagnostic on every step
+    "trainer.lr=1e-3",
+]
+LR = 1e-3
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from conftest import build_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "student": build_tiny_model_dir(root / "student", seed=0),
+        "teacher": build_tiny_model_dir(root / "teacher", seed=1, hidden_size=96, num_layers=3),
+    }
+
+
+def base(models, *extra: str) -> list[str]:
+    return [f"model.path={models['student']}", f"teacher.path={models['teacher']}", *TINY, *extra]
+
+
+def one_step(models, tmp_path: Path, overrides: list[str], rollouts: dict | None = None):
+    """(metrics, gradients before the update, parameters before and after it, rollouts, the run) of one
+    OPD step; `rollouts` from an earlier call are replayed instead of sampled."""
+    from omegaconf import open_dict
+
+    from opd_cli.cli import compose
+    from opd_cli.stages.opd import OPDRun
+
+    cfg = compose(base(models, *overrides))
+    with open_dict(cfg):
+        del cfg["hydra"]  # the Compose API's hydra node has no run-time values
+    run = OPDRun(cfg, tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+    try:
+        if rollouts is None:
+            rollouts, generate = {}, run.rollout
+            run.rollout = lambda rows, indices: rollouts.setdefault("groups", generate(rows, indices))
+        else:
+            run.rollout = lambda rows, indices: rollouts["groups"]
+        grads, update = {}, run.learner.step
+
+        def step(loss=None):
+            grads.update({n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
+            return update(loss)
+
+        run.learner.step = step
+        before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+        metrics = run.train_step()
+        after = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+        return metrics, grads, (before, after), rollouts, run
+    finally:
+        run.close()
+
+
+def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max over tensors of max|a - b| / max|a| (0 when equal)."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) / max(float(a[k].abs().max()), 1e-30) for k in a)
+
+
+def assert_metrics_equal(a: dict, b: dict, rtol: float = RTOL) -> float:
+    keys = {k for k in a if not k.startswith("time/")}
+    assert keys == {k for k in b if not k.startswith("time/")}
+    worst = 0.0
+    for k in sorted(keys):
+        if not isinstance(a[k], int | float):  # texts, lists: exactly equal
+            assert a[k] == b[k], k
+            continue
+        if isinstance(a[k], float) and math.isnan(a[k]):
+            assert math.isnan(b[k]), k
+            continue
+        assert math.isclose(a[k], b[k], rel_tol=rtol, abs_tol=1e-7), (k, a[k], b[k])
+        worst = max(worst, abs(a[k] - b[k]) / max(abs(a[k]), 1e-30))
+    return worst
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["loss=full_rkl"],
+        ["loss=topk_rkl_stopgrad", "loss.reduction=seq_mean"],
+        ["loss=sampled_rkl", "loss.is_clip=2.0"],
+        ["loss=full_rkl", "loss.chunk_size=7"],
+        ["teacher=self_answer", "loss=topk_rkl_stopgrad", "loss.chunk_size=16"],
+    ],
+    ids=["full_rkl", "topk_stopgrad-seq_mean", "sampled_is", "full_rkl-chunked", "opsd-chunked"],
+)
+def test_micro_batched_step_equals_the_whole_batch_step(models, tmp_path, extra):
+    whole, g_whole, p_whole, rollouts, run = one_step(models, tmp_path, extra)
+    assert run.teacher.model.dtype == torch.float32  # teacher.dtype=auto on CPU
+    assert sorted(len(g) for g in rollouts["groups"]) == [1] * 5
+    assert len(run.micro_batches(5)) == 1
+    micro, g_micro, p_micro, _, run = one_step(
+        models, tmp_path, [*extra, "trainer.micro_batch_size=2"], rollouts
+    )
+    assert [(s.start, s.stop) for s, _ in run.micro_batches(5)] == [(0, 2), (2, 4), (4, 5)]
+    assert sum(len(s.response_ids) for g in rollouts["groups"] for s in g) > 5  # not all empty
+    worst_metric = assert_metrics_equal(whole, micro)
+    for key in ("loss", "grad_norm", "student_entropy", "student_mass_in_support", "sampled_logratio"):
+        assert key in whole, key
+    assert ("grad_cosine_to_full_rkl" in whole) == (not any("chunk_size" in e for e in extra))
+    assert max_rel(p_whole[0], p_micro[0]) == 0.0 and max_rel(p_whole[0], p_whole[1]) > 1e-4  # it trained
+    grad_diff = max_rel(g_whole, g_micro)
+    # Adam's first update is ~ lr * g / (|g| + eps): entries with |g| near eps amplify round-off, so the
+    # weights are compared in units of the learning rate
+    param_diff = max(float((p_whole[1][k] - p_micro[1][k]).abs().max()) for k in p_whole[1]) / LR
+    assert grad_diff < RTOL and param_diff < 1e-2, (grad_diff, param_diff)
+    print(f"{extra}: metrics {worst_metric:.1e}, gradients {grad_diff:.1e}, weights {param_diff:.1e} lr")
+
+
+def test_activation_checkpointing_gives_the_same_step(models, tmp_path):
+    extra = ["loss=topk_rkl", "loss.chunk_size=5"]
+    whole, g_whole, _, rollouts, run = one_step(models, tmp_path, extra)
+    assert not run.model.is_gradient_checkpointing
+    # decoder-layer calls, student and teacher: under checkpointing the student's run again in backward (a
+    # pre-hook: the recompute stops early, before a forward hook would fire)
+    calls, layer = [], type(run.model.get_decoder().layers[0])
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(1) if isinstance(module, layer) else None
+    )
+    try:
+        one_step(models, tmp_path, [*extra, "trainer.micro_batch_size=2"], rollouts)
+        plain, calls[:] = len(calls), []
+        ckpt, g_ckpt, _, _, run = one_step(
+            models,
+            tmp_path,
+            [*extra, "trainer.micro_batch_size=2", "trainer.activation_checkpointing=true"],
+            rollouts,
+        )
+    finally:
+        hook.remove()
+    assert run.model.is_gradient_checkpointing and len(calls) > plain > 0, (plain, len(calls))
+    assert_metrics_equal(whole, ckpt)
+    assert max_rel(g_whole, g_ckpt) < RTOL
+
+
+def test_teacher_dtype(models, tmp_path):
+    from opd_cli.learner import weights_dtype
+
+    assert weights_dtype(torch.device("cpu")) == torch.float32  # auto: fp32 on CPU, bf16 on CUDA
+    assert weights_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
+    metrics, _, _, _, run = one_step(
+        models, tmp_path, ["teacher.dtype=bfloat16", "trainer.micro_batch_size=2"]
+    )
+    assert run.teacher.model.dtype == torch.bfloat16 and run.model.dtype == torch.float32
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+
+
+def test_micro_batch_size_validation():
+    from opd_cli.cli import compose
+    from opd_cli.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose(["trainer.micro_batch_size=-1"])
+    message = str(err.value)
+    assert (
+        "\n" not in message and "trainer.micro_batch_size=-1 must be >= 0" in message and "use 0" in message
+    )
+    assert compose(["trainer.micro_batch_size=3"]).trainer.micro_batch_size == 3
+
+
+def test_plan_shrinks_per_micro_batch():
+    from opd_cli.cli import compose
+    from opd_cli.plan import GIB, memory_plan
+
+    def plan(*extra):
+        cfg = compose(["experiment=qwen3_opd_8b_topk", "trainer.device_memory_gb=80", *extra])
+        p = memory_plan(cfg)
+        return p, dict(p["rows"])
+
+    whole, w = plan("trainer.micro_batch_size=0", "trainer.activation_checkpointing=false")
+    micro, m = plan("trainer.micro_batch_size=2", "trainer.activation_checkpointing=false")
+    ckpt, c = plan("trainer.micro_batch_size=2", "trainer.activation_checkpointing=true")
+    assert whole["micro_batch"] == 64 and micro["micro_batch"] == 2
+    # activations and the teacher's outputs scale with the micro-batch: 2 of 64 sequences
+    assert math.isclose(m["activations (no checkpointing)"] * 32, w["activations (no checkpointing)"])
+    key = "teacher hidden states [tokens, H_t]"
+    assert math.isclose(m[key] * 32, w[key]) and math.isclose(m[key], 2 * 4096 * 4096 * 2 / GIB)
+    assert c["activations (checkpointed)"] < m["activations (no checkpointing)"] / 2
+    assert whole["total_gb"] > 500 > 80 > ckpt["total_gb"] and micro["total_gb"] < whole["total_gb"]
+    # the recipe's own settings fit an 80 GiB GPU
+    recipe = memory_plan(compose(["experiment=qwen3_opd_8b_topk", "trainer.device_memory_gb=80"]))
+    assert recipe["micro_batch"] == 2 and recipe["total_gb"] < 80
+    # the rlvr stage shares the recipe but not micro-batching: its plan keeps the whole batch
+    rlvr = memory_plan(compose(["experiment=qwen3_rlvr_teacher"]))
+    assert rlvr["micro_batch"] == rlvr["samples_per_rank"] == 256
+    assert "activations (no checkpointing)" in dict(rlvr["rows"])
+
+
+def opd(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "opd_cli.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_micro_batched_run_writes_the_same_metrics(models, tmp_path):
+    args = base(models, "trainer.steps=2", "loss=full_rkl", "loss.chunk_size=16", "teacher=self_answer")
+    runs = {}
+    for size in (0, 2):
+        run_dir = tmp_path / f"mb{size}"
+        res = opd("run", *args, f"trainer.micro_batch_size={size}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[size] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in runs[0]] == [r["step"] for r in runs[2]]
+    assert len([r for r in runs[2] if "loss" in r]) == 2
+    worst = max(assert_metrics_equal(a, b, rtol=1e-4) for a, b in zip(runs[0], runs[2], strict=True))
+    print(f"metrics.jsonl: worst relative difference {worst:.1e}")
+
+
+@pytest.mark.slow
+def test_two_ranks_with_uneven_micro_batch_counts_follow_one_rank(models, tmp_path):
+    """5 prompts on 2 ranks: rank 0 runs 3 micro-batches of 1, rank 1 runs 2 and a zero-weight third
+    (DDP's forwards and backwards are collectives); the loss curve is the whole-batch 1-rank one."""
+    args = base(models, "trainer.steps=2", "loss=topk_rkl", "loss.chunk_size=8")
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = opd("run", *args, f"hydra.run.dir={one}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = opd(
+        "run", *args, "trainer.nproc=2", "trainer.micro_batch_size=1", f"hydra.run.dir={two}", cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        for d in (one, two)
+    )
+    assert [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "student_mass_in_support", "topk_overlap", "tokens"):
+            assert math.isclose(ra[key], rb[key], rel_tol=1e-4, abs_tol=1e-7), (key, ra[key], rb[key])
