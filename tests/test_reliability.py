@@ -88,6 +88,21 @@ def summary(run_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------- kill and resume
+def test_resuming_a_finished_run_logs_nothing_twice(models, tmp_path):
+    """The last step's checkpoint is written after the final evaluation and carries it: a resume of a
+    finished run (or of one killed after that checkpoint) must not evaluate and log the end again."""
+    run_dir = tmp_path / "run"
+    res = opd_inprocess(
+        *base_args(models, "trainer.steps=2", "trainer.save_every=1"), f"hydra.run.dir={run_dir}"
+    )
+    assert res.exit_code == 0, res.output
+    before, done = metrics(run_dir), summary(run_dir)
+    assert sum(1 for r in before if r["step"] == 2 and "loss" not in r) == 1  # one final evaluation row
+    res = opd_inprocess(f"resume={run_dir}")
+    assert res.exit_code == 0, res.output
+    assert metrics(run_dir) == before and summary(run_dir) == done
+
+
 @pytest.mark.slow
 def test_sigkill_at_three_random_steps_resumes_to_the_uninterrupted_metrics(models, tmp_path):
     steps = 6

@@ -170,6 +170,7 @@ class OPDRun:
         self.hedging = list(cfg.diagnostics.hedging_tokens or self.task.hedging_tokens)
         self.step = 0
         self.base_eval: dict | None = None
+        self.final_eval: dict | None = None  # the last evaluation, once the run has finished
         self.skipped_batches = 0
         self.ckpt_root = self.run_dir / "checkpoints"
         resume_state = self.restore() if cfg.resume else None
@@ -250,6 +251,7 @@ class OPDRun:
         self.learner.load_state_dict(state["learner"])
         self.detector.load_state_dict(state["detector"])
         self.base_eval = state.get("base_eval")
+        self.final_eval = state.get("final_eval")  # set only in the checkpoint written after the last eval
         self.skipped_batches = state.get("skipped_batches", 0)
         set_rng_state(state["rng"])
         self.step = state["step"]
@@ -271,6 +273,7 @@ class OPDRun:
                     "learner": learner_state,
                     "detector": self.detector.state_dict(),
                     "base_eval": self.base_eval,
+                    "final_eval": self.final_eval,
                     "skipped_batches": self.skipped_batches,
                 },
                 state_dict=weights,
@@ -527,14 +530,19 @@ class OPDRun:
                     metrics.update(headline(last_eval))
                 self.tracker.log(self.step, metrics)
                 progress.update(self.step, metrics)
-                if self.step % cfg.trainer.save_every == 0 or self.step == total:
+                # the last step is saved after the final evaluation, with it (see below)
+                if self.step % cfg.trainer.save_every == 0 and self.step < total:
                     self.save()
                 if cfg.diagnostics.stop_on_collapse and self.detector.collapsed_at is not None:
                     log.warning("stopping: diagnostics.stop_on_collapse=true")
                     break
-        final = self.run_eval()
-        self.tracker.log(self.step, headline(final))
-        self.save()
+        if self.final_eval is not None:  # resumed from the final checkpoint: its evaluation is logged
+            final = self.final_eval
+        else:
+            final = self.run_eval()
+            self.tracker.log(self.step, headline(final))
+            self.final_eval = final
+            self.save()
         summary = self.summary(final)
         self.tracker.summary(summary)
         return summary
