@@ -52,7 +52,7 @@ testbed-status: install
 
 # Mechanism 1: the off-the-shelf teacher continues the student's prefixes.
 probe: install
-	$(BIN)/opd probe -n 200 --out experiments/probe_teacher_large.json
+	$(BIN)/opd probe teacher=large -n 200 --out experiments/probe_teacher_large.json
 	$(BIN)/opd probe teacher=rlvr -n 200 --out experiments/probe_teacher_rlvr.json
 
 # The paper's failure/fix matrix on the testbed: 14 cells x 3 seeds, MATRIX_JOBS single-threaded jobs at a

@@ -64,7 +64,7 @@ def probe_cmd(overrides: tuple[str, ...], n: int, seed: int, out: str) -> None:
 
     \b
     Examples:
-      opd probe                              # teacher_large on student_sft prefixes (testbed)
+      opd probe teacher=large                # teacher_large on student_sft prefixes (testbed)
       opd probe teacher=rlvr -n 100 --out experiments/probe_rlvr.json
     """
     from opd_cli.cli import compose, fail, prevalidate
