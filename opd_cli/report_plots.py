@@ -12,6 +12,7 @@ from pathlib import Path
 # reads metrics.jsonl.
 FIGURES = [
     ("accuracy.png", "greedy eval accuracy", "eval", "accuracy"),
+    ("sampled_accuracy.png", "accuracy of the student's T=1 samples", "train", "rollout_accuracy"),
     ("response_length.png", "training response length (tokens)", "train", "response_length"),
     ("topk_overlap.png", "teacher-student top-K overlap", "train", "topk_overlap"),
     ("student_mass.png", "student mass inside the top-K set", "train", "student_mass_in_support"),

@@ -49,7 +49,7 @@ def machine() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-        f"torch {torch.__version__}, load average {load}"
+        f"torch {torch.__version__}, load average at report time {load}"
     )
 
 
