@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_opd
 
 RTOL = 1e-5
 TINY = [
@@ -31,17 +29,6 @@ TINY = [
     "trainer.lr=1e-3",
 ]
 LR = 1e-3
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from conftest import build_tiny_model_dir
-
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "student": build_tiny_model_dir(root / "student", seed=0),
-        "teacher": build_tiny_model_dir(root / "teacher", seed=1, hidden_size=96, num_layers=3),
-    }
 
 
 def base(models, *extra: str) -> list[str]:
@@ -216,17 +203,8 @@ def test_plan_shrinks_per_micro_batch():
     assert "activations (no checkpointing)" in dict(rlvr["rows"])
 
 
-def opd(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "opd_cli.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def opd(*args: str, cwd: Path, timeout: int = 600):
+    return run_opd(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.mark.slow
