@@ -64,6 +64,7 @@ class Job:
     metrics: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     wall_s: float | None = None  # the job's own wall time (status.json)
+    figures: dict = field(default_factory=dict)  # job_figures(), set by build_cells for finished jobs
 
     @property
     def finished(self) -> bool:
@@ -280,7 +281,7 @@ def build_cells(jobs: list[Job]) -> list[Cell]:
         )
         cell.jobs.append(job)
         if job.finished:
-            fig = job_figures(job)
+            fig = job.figures = job_figures(job)
             cell.figures.append(fig)
             cell.verdicts.append(job_verdict(fig, cell.metric))
     return list(cells.values())
@@ -390,7 +391,7 @@ def job_rows(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
     header = ["job", "cell", "seed", "status", "final acc", "collapsed at", "wall (s)", "error"]
     rows = []
     for j in jobs:
-        fig = job_figures(j) if j.finished else {}
+        fig = j.figures
         final = fig.get("final_accuracy")
         rows.append(
             [
@@ -461,7 +462,7 @@ class Report:
         parts += ["", "## Jobs", "", markdown_table(header, rows), ""]
         return "\n".join(parts)
 
-    def html(self, title: str, markdown_text: str) -> str:
+    def html(self, title: str) -> str:
         header, rows = matrix_rows(self.cells)
         jh, jr = job_rows(self.jobs)
 
@@ -497,7 +498,7 @@ def build_report(roots: list[Path], out_dir: Path, plots: bool = True) -> tuple[
     title = "opd matrix report"
     text = report.markdown(title, roots)
     atomic_write_text(out_dir / "report.md", text)
-    atomic_write_text(out_dir / "report.html", report.html(title, text))
+    atomic_write_text(out_dir / "report.html", report.html(title))
     summary = {
         c.name: {
             "verdict": c.verdict,
