@@ -4,7 +4,8 @@ A checkpoint is a directory `checkpoints/step_000050/` holding the model in Hugg
 (loadable by transformers and vLLM), its tokenizer, and `trainer_state.pt` (optimizer, scheduler, RNG
 states, step, stage-specific extras). It is written under a temporary name and renamed into place, and
 `checkpoints/latest` is replaced atomically after that, so a kill at any moment leaves the previous
-checkpoint intact and `latest` pointing at a complete one.
+checkpoint intact and `latest` pointing at a complete one. What a kill leaves behind is a hidden
+`.*.tmp` entry, which the next save or a resume removes (`discard_partial_writes`).
 """
 
 from __future__ import annotations
@@ -69,7 +70,21 @@ def save_checkpoint(
     return final
 
 
+def discard_partial_writes(ckpt_root: Path) -> None:
+    """Remove the `.*.tmp` files and directories a killed writer left in `ckpt_root`.
+
+    A run directory has one writer (run directories are claimed), so any such entry outside a save
+    in progress is debris of an interrupted one.
+    """
+    for debris in Path(ckpt_root).glob(".*.tmp"):
+        if debris.is_dir() and not debris.is_symlink():
+            shutil.rmtree(debris, ignore_errors=True)
+        else:
+            debris.unlink(missing_ok=True)
+
+
 def _prune(ckpt_root: Path, keep: int) -> None:
+    discard_partial_writes(ckpt_root)
     steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -98,9 +98,15 @@ def test_resuming_a_finished_run_logs_nothing_twice(models, tmp_path):
     assert res.exit_code == 0, res.output
     before, done = metrics(run_dir), summary(run_dir)
     assert sum(1 for r in before if r["step"] == 2 and "loss" not in r) == 1  # one final evaluation row
+    # what a SIGKILL inside atomic_write_text / save_checkpoint leaves: a temp file and a temp directory
+    ckpts = run_dir / "checkpoints"
+    (ckpts / ".latest.abc123.tmp").write_text("step_0000")
+    (ckpts / ".step_000003.tmp").mkdir()
+    (ckpts / ".step_000003.tmp" / "model.safetensors").write_bytes(b"\0" * 10)
     res = opd_inprocess(f"resume={run_dir}")
     assert res.exit_code == 0, res.output
     assert metrics(run_dir) == before and summary(run_dir) == done
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000001", "step_000002"]
 
 
 @pytest.mark.slow

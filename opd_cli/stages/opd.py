@@ -31,7 +31,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_cli import distributed, losses
 from opd_cli.batching import ResponseForward, pack
-from opd_cli.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from opd_cli.checkpoint import (
+    discard_partial_writes,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from opd_cli.diagnostics import CollapseDetector, loss_signals, rollout_signals
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_json
@@ -232,6 +238,7 @@ class OPDRun:
 
     def restore(self) -> int:
         ckpt = latest_checkpoint(self.ckpt_root)
+        discard_partial_writes(self.ckpt_root)
         if ckpt is None:
             raise OpdError(
                 f"resume={self.run_dir}: no complete checkpoint in {self.ckpt_root}; start a new run"
