@@ -267,3 +267,57 @@ def test_vllm_finish_reasons(vllm_run):
         engine.eos_token_id = real_eos
     assert cut.finish_reason == "stop"
     assert cut.response_ids == full[: full.index(fake_eos) + 1]
+
+
+@pytest.mark.vllm
+def test_vllm_inplace_cpu_sync_equals_reload_weights(vllm_run):
+    """The CPU in-place sync (vllm_cpu_sync) gives bit-identical samples and log-probs to reload_weights."""
+    import copy
+
+    engine, learner = vllm_run["engine"], vllm_run["learner"]
+    assert engine.sync_method == "inplace", engine.sync_fallback_reason
+    other = copy.deepcopy(learner)
+    sampling = SamplingConfig(max_new_tokens=16, n=2, temperature=1.0)
+    try:
+        for seed in (5, 6):
+            perturb_(other, std=0.2, seed=seed)
+            engine.inplace_sync = True
+            engine.sync_weights(other)
+            inplace = engine.generate(PROMPTS, sampling, seed=seed)
+            engine.inplace_sync = False
+            assert engine.sync_method == "reload_weights"
+            engine.sync_weights(other)
+            reloaded = engine.generate(PROMPTS, sampling, seed=seed)
+            assert ids_of(inplace) == ids_of(reloaded)
+            assert [s.logprobs for g in inplace for s in g] == [s.logprobs for g in reloaded for s in g]
+            s = inplace[0][0]
+            expected = teacher_forced_logprobs(other, s.prompt_ids, s.response_ids)
+            torch.testing.assert_close(torch.tensor(s.logprobs), expected, atol=LOGPROB_ATOL_VLLM, rtol=0)
+    finally:
+        engine.inplace_sync = True
+        engine.sync_weights(learner)  # the other tests' engine state
+    assert ids_of(engine.generate(PROMPTS, vllm_run["greedy"], seed=0)) == ids_of(vllm_run["after"])
+
+
+@pytest.mark.vllm
+def test_vllm_inplace_cpu_sync_refuses_what_it_cannot_map(vllm_run):
+    from opd_cli.rollout.vllm_cpu_sync import NotApplicable, build_plan
+
+    engine, learner = vllm_run["engine"], vllm_run["learner"]
+    shapes = {n: tuple(t.shape) for n, t in engine._weights(learner)}
+
+    def plan_for(shapes):
+        return engine.llm.apply_model(lambda model: build_plan(model, shapes))[0]
+
+    assert len(plan_for(shapes).targets) > 0
+    with pytest.raises(NotApplicable, match="does not have"):
+        plan_for({**shapes, "model.layers.9.mlp.down_proj.weight": (64, 128)})
+    with pytest.raises(NotApplicable, match="no learner tensor feeds model.norm.weight"):
+        plan_for({n: s for n, s in shapes.items() if n != "model.norm.weight"})
+    with pytest.raises(NotApplicable, match="layer expects"):  # a missing shard shows in the fused shape
+        plan_for({n: s for n, s in shapes.items() if "k_proj" not in n})
+    wrong = dict(shapes)
+    name = next(n for n in shapes if n.endswith("q_proj.weight"))
+    wrong[name] = (shapes[name][0] + 1, shapes[name][1])
+    with pytest.raises(NotApplicable, match="layer expects"):
+        plan_for(wrong)

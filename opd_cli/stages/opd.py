@@ -188,6 +188,8 @@ class OPDRun:
             model=self.model,
             **self.engine_options(),
         )
+        if getattr(self.engine, "sync_fallback_reason", None):
+            log.info("weight sync through reload_weights: %s", self.engine.sync_fallback_reason)
         self.tracker = (
             Tracker(
                 self.run_dir,
