@@ -91,7 +91,9 @@ def _sft_examples(cfg: DictConfig, task, rows: list[dict], device) -> tuple[list
     tok = load_tokenizer(teacher_path)
     teacher = load_model(teacher_path, device, trainable=False)
     engine = make_engine("hf", teacher_path, device=device.type, model=teacher)
-    prompts = [chat_prompt_ids(tok, task.messages(r)) for r in rows]
+    thinking = cfg.teacher.get("enable_thinking")
+    thinking = cfg.model.enable_thinking if thinking is None else thinking  # the trace writer's template
+    prompts = [chat_prompt_ids(tok, task.messages(r), thinking) for r in rows]
     groups = engine.generate(
         prompts,
         SamplingConfig(
@@ -129,7 +131,9 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
     tokenizer = load_tokenizer(path)
     model = load_model(path, device, trainable=True)
     examples, stats = _sft_examples(cfg, task, train_rows, device)
-    held_out = tokenize_examples(tokenizer, examples[-min(256, max(1, len(examples) // 8)) :])
+    held_out = tokenize_examples(
+        tokenizer, examples[-min(256, max(1, len(examples) // 8)) :], cfg.model.enable_thinking
+    )
 
     def nll() -> float:
         import torch
@@ -155,6 +159,7 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
         device=device,
         progress=False,
         log_fn=lambda step, m: log.info("sft step %d loss %.4f", step, m["loss"]),
+        enable_thinking=cfg.model.enable_thinking,
     )
     stats["nll_after"] = nll()
     stats["final_loss"] = final.get("loss")
@@ -197,7 +202,9 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     tracker = Tracker(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger)
 
     def prompt_ids(row, system_prompt):
-        return chat_prompt_ids(tokenizer, PromptBuilder(task, system_prompt).messages(row))
+        return chat_prompt_ids(
+            tokenizer, PromptBuilder(task, system_prompt).messages(row), cfg.model.enable_thinking
+        )
 
     def run_eval(step: int) -> dict:
         e = cfg.eval
@@ -233,6 +240,7 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
             progress=False,
             log_fn=lambda step, m: tracker.log(step, {k: v for k, v in m.items() if k != "step"}),
             log_every=1,
+            enable_thinking=cfg.model.enable_thinking,
         )
         final = run_eval(tc.steps)
         out = run_dir / "model"

@@ -27,11 +27,17 @@ from opd_cli.losses import TeacherHidden, TeacherLogprobs
 from opd_cli.tasks.base import Row, Task
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool = False) -> list[int]:
+def chat_prompt_ids(
+    tokenizer, messages: list[dict], enable_thinking: bool = False, add_generation_prompt: bool = True
+) -> list[int]:
+    """Token ids of `messages` under the tokenizer's chat template; `enable_thinking` reaches templates
+    that read it (Qwen3: False appends an empty think block to the generation prompt)."""
     kwargs = (
         {"enable_thinking": enable_thinking} if "enable_thinking" in (tokenizer.chat_template or "") else {}
     )
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs
+    )
     if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)

@@ -37,8 +37,10 @@ def run_probe(cfg, n: int, seed: int) -> dict:
         "hf", teacher_path, device=device.type, model=load_model(teacher_path, device, trainable=False)
     )
     builder = PromptBuilder(task)
-    prompts_s = [chat_prompt_ids(s_tok, builder.messages(r)) for r in rows]
-    prompts_t = [chat_prompt_ids(t_tok, builder.messages(r)) for r in rows]
+    s_think = cfg.model.enable_thinking
+    t_think = s_think if cfg.teacher.get("enable_thinking") is None else cfg.teacher.enable_thinking
+    prompts_s = [chat_prompt_ids(s_tok, builder.messages(r), s_think) for r in rows]
+    prompts_t = [chat_prompt_ids(t_tok, builder.messages(r), t_think) for r in rows]
     max_new = cfg.eval.max_new_tokens
     greedy = SamplingConfig(max_new_tokens=max_new, greedy=True)
 

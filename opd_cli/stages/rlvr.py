@@ -90,8 +90,10 @@ def grpo_train(
     log_every: int = 10,
     callback: Callable[[int, dict], bool | None] | None = None,
     eval_every: int = 0,
+    enable_thinking: bool = False,
 ) -> dict:
-    """Train `model` in place by GRPO on `rows`; returns the last step's metrics."""
+    """Train `model` in place by GRPO on `rows`; returns the last step's metrics. `enable_thinking` is
+    the policy's chat-template setting (`model.enable_thinking`)."""
     if not rows:
         raise ValueError("grpo_train: no rows")
     if samples_per_prompt < 2:
@@ -112,7 +114,9 @@ def grpo_train(
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=samples_per_prompt
     )
     gen = torch.Generator().manual_seed(seed)
-    prompts = [prompt_ids(tokenizer, task.messages(r, system_prompt=system_prompt)) for r in rows]
+    prompts = [
+        prompt_ids(tokenizer, task.messages(r, system_prompt=system_prompt), enable_thinking) for r in rows
+    ]
     pad = tokenizer.pad_token_id
     metrics: dict = {}
     skipped = 0

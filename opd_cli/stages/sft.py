@@ -29,35 +29,34 @@ from opd_cli.learner import Learner
 Example = tuple[list[dict], str]
 
 
-def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
+def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool = False) -> list[int]:
+    """Token ids of the chat prompt with the generation prompt appended, as the OPD student sees it
+    (same template, same `enable_thinking`). An empty message list (generic pretraining text) gives the
+    generation prompt alone, e.g. the single token `<|assistant|>`."""
+    from opd_cli.teachers import chat_prompt_ids
 
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the chat prompt with the generation prompt appended. An empty message list (generic
-    pretraining text) gives the generation prompt alone, e.g. the single token `<|assistant|>`."""
     if messages:
-        return _template_ids(tokenizer, messages, True)
+        return chat_prompt_ids(tokenizer, messages, enable_thinking)
     # transformers refuses an empty conversation: take the generation prompt as the suffix it adds
     probe = [{"role": "user", "content": "x"}]
-    with_gen, without = _template_ids(tokenizer, probe, True), _template_ids(tokenizer, probe, False)
+    with_gen = chat_prompt_ids(tokenizer, probe, enable_thinking)
+    without = chat_prompt_ids(tokenizer, probe, enable_thinking, add_generation_prompt=False)
     if len(with_gen) > len(without) and with_gen[: len(without)] == without:
         return with_gen[len(without) :]
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     return [start]
 
 
-def tokenize_examples(tokenizer, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
+def tokenize_examples(
+    tokenizer, examples: list[Example], enable_thinking: bool = False
+) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids + EOS) per example; prompts are cached per distinct message list."""
     cache: dict[str, list[int]] = {}
     out = []
     for messages, response in examples:
         key = repr(messages)
         if key not in cache:
-            cache[key] = prompt_ids(tokenizer, messages)
+            cache[key] = prompt_ids(tokenizer, messages, enable_thinking)
         ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         out.append((cache[key], ids))
     return out
@@ -107,15 +106,19 @@ def sft_train(
     log_every: int = 50,
     callback: Callable[[int, dict], bool | None] | None = None,
     eval_every: int = 0,
+    enable_thinking: bool = False,
 ) -> dict:
-    """Train `model` in place on `examples`; returns the final metrics (loss is an EMA of the batch loss)."""
+    """Train `model` in place on `examples`; returns the final metrics (loss is an EMA of the batch loss).
+
+    `enable_thinking` is the student's chat-template setting (`model.enable_thinking`): SFT prompts must
+    be the prompts the student later sees in OPD and evaluation."""
     if not examples:
         raise ValueError("sft_train: no examples")
     if steps < 1:
         raise ValueError(f"sft_train: steps must be >= 1, got {steps}")
     device = torch.device(device)
     model.to(device).train()
-    data = tokenize_examples(tokenizer, examples)
+    data = tokenize_examples(tokenizer, examples, enable_thinking)
     batches = _Batches(len(data), batch_size, seed)
     learner = Learner(
         model,
