@@ -9,6 +9,7 @@ The groups mirror the paper's grid axes: task, model (student), teacher, loss, s
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,9 @@ class TeacherConfig:
     system_prompt_from_pi: bool = False  # self_pi with a shared rule: the PI is the system prompt
     dtype: str = "auto"  # teacher weights: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     enable_thinking: bool | None = None  # the teacher's chat template; None = same as model.enable_thinking
+    # where the frozen teacher runs: same (the learner's device) | cpu | cuda | cuda:N (its own GPU); its
+    # outputs move to the learner's device for the loss
+    device: str = "same"
 
 
 @dataclass
@@ -303,6 +307,11 @@ def validate(cfg: DictConfig | Config) -> None:
             f"at once) or the number of sequences per forward/backward"
         )
     _one_of("trainer.device", c.trainer.device, ("auto", "cpu", "cuda"))
+    if not re.fullmatch(r"same|cpu|cuda(:\d+)?", str(c.teacher.device)):
+        raise ConfigError(
+            f"teacher.device={c.teacher.device!r} is not a device; use same (the learner's), cpu, cuda or "
+            f"cuda:N"
+        )
     _validate_parallel(c)
     for key in ("model.dtype", "teacher.dtype"):
         _one_of(key, eval_attr(c, key), ("auto", "float32", "bfloat16", "float16"))
@@ -341,6 +350,11 @@ def _validate_parallel(c) -> None:
         raise ConfigError(
             f"trainer.nproc={tc.nproc} is not a multiple of rollout.tensor_parallel_size={tp}: every group "
             f"of {tp} ranks shares one vLLM engine"
+        )
+    if tc.nproc > 1 and re.fullmatch(r"cuda:\d+", str(c.teacher.device)):
+        raise ConfigError(
+            f"teacher.device={c.teacher.device} with trainer.nproc={tc.nproc}: every rank would put its "
+            f"teacher on that one GPU; use teacher.device=same (each rank's own GPU) or cpu"
         )
     if tc.parallel == "fsdp" and c.rollout.engine == "hf":
         raise ConfigError(

@@ -34,6 +34,28 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
+def teacher_device(preference: str, learner: torch.device) -> torch.device:
+    """`teacher.device`: same (the learner's device), cpu, cuda (the learner's GPU, else cuda:0) or cuda:N."""
+    if preference == "same":
+        return learner
+    if preference == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise OpdError(
+            f"teacher.device={preference} but CUDA is not available; use teacher.device=same or cpu"
+        )
+    device = torch.device(preference)
+    if device.index is None:
+        return learner if learner.type == "cuda" else torch.device("cuda", 0)
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise OpdError(
+            f"teacher.device={preference} but this machine has {count} GPU(s) (cuda:0..cuda:{count - 1}); "
+            f"pick one of them or teacher.device=same"
+        )
+    return device
+
+
 def autocast_dtype(device: torch.device, preference: str = "auto") -> torch.dtype | None:
     """The autocast dtype for forward passes (None = plain fp32)."""
     if preference == "float32":

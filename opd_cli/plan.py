@@ -23,6 +23,8 @@ Per device (one data-parallel rank), in GiB, as the code allocates it:
   (2 x layers x kv_heads x head_dim x 2 bytes per token); when the device memory is known, vLLM reserves
   rollout.gpu_memory_utilization of it instead, and that reservation is what the plan counts.
 The rows add up to an upper bound: the teacher's forward transient is freed before the student's forward.
+With teacher.device on another device (e.g. cuda:1), the teacher's parameters and forward are planned
+and checked there; its outputs (hidden states or log-probs) are counted on both devices.
 
 Tokens per rank = ceil(prompts_per_step x rollout.n / ranks) x (prompt tokens + rollout.max_new_tokens);
 the prompt length is an assumption (--prompt-tokens, default 512). Hub ids that are not on disk resolve
@@ -164,7 +166,12 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     mb_tokens, mb_response = micro * seq, micro * r.max_new_tokens
     cuda = tc.device == "cuda" or (tc.device == "auto" and detected_device_memory_gb() is not None)
     act_bytes = 2 if cuda else 4  # bf16 autocast on CUDA, fp32 on CPU
-    t_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    # teacher.device: the teacher's weights and forward on a device of their own (its outputs still
+    # land on the learner's device for the loss)
+    td = str(cfg.teacher.device)
+    separate = td not in ("same", "cuda" if cuda else "cpu") and not (cuda and ranks == 1 and td == "cuda:0")
+    t_cuda = td.startswith("cuda") if separate else cuda
+    t_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else ("bfloat16" if t_cuda else "float32")
     t_bytes = 4 if t_dtype == "float32" else 2
     t_name = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[t_dtype]
     v = student.vocab
@@ -186,16 +193,26 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
         )
     else:
         teacher_out = ("teacher log-probs [tokens, V] fp32", mb_response * v * 4)
+    t_act_bytes = 2 if t_cuda else 4
+    teacher_rows = [
+        (f"teacher parameters ({t_name}, frozen)", t_bytes * teacher.params),
+        (
+            "teacher forward (transient, one layer)",
+            mb_tokens * teacher.layer_activation_values_per_token() * min(t_bytes, t_act_bytes),
+        ),
+    ]
     rows = [
         ("student parameters (fp32)", 4 * student.params / shard),
         ("student gradients (fp32)", 4 * student.params / shard),
         ("Adam states (2 x fp32)", 8 * student.params / shard),
-        (f"teacher parameters ({t_name}, frozen)", t_bytes * teacher.params),
+        *([] if separate else teacher_rows[:1]),
         (act_name, act),
         teacher_out,
-        (
-            "teacher forward (transient, one layer)",
-            mb_tokens * teacher.layer_activation_values_per_token() * min(t_bytes, act_bytes),
+        *([] if separate else teacher_rows[1:]),
+        *(
+            [("teacher LM head copy (for the chunked loss)", t_bytes * teacher.vocab * teacher.hidden)]
+            if separate and chunked
+            else []
         ),
         (
             "student logits + grad "
@@ -212,6 +229,15 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
             rows[-1] = (rows[-1][0], r.gpu_memory_utilization * memory * GIB)
         rows.append(("  of which vLLM weights bf16 + KV cache needed", need))
     total = sum(b for name, b in rows if not name.startswith("  "))
+    teacher_side = None
+    if separate:
+        teacher_rows.append(teacher_out)  # made there, then copied to the learner's device
+        teacher_side = {
+            "device": td,
+            "rows": [(name, b / GIB) for name, b in teacher_rows],
+            "total_gb": sum(b for _, b in teacher_rows) / GIB,
+            "device_memory_gb": (tc.device_memory_gb or detected_device_memory_gb()) if t_cuda else None,
+        }
     return {
         "student": (s_src, student.params),
         "teacher": (t_src, teacher.params),
@@ -225,6 +251,7 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
         "rows": [(name, b / GIB) for name, b in rows],
         "total_gb": total / GIB,
         "device_memory_gb": memory,
+        "teacher_device": teacher_side,
     }
 
 
@@ -248,10 +275,22 @@ def format_plan(plan: dict) -> str:
         if mem
         else "  device memory: unknown (no CUDA device); set trainer.device_memory_gb to check the fit"
     )
+    side = plan.get("teacher_device")
+    if side:
+        lines.append(f"teacher device (teacher.device={side['device']}):")
+        lines += [f"  {name:<{width}}  {gb:9.2f} GiB" for name, gb in side["rows"]]
+        lines.append(f"  {'total':<{width}}  {side['total_gb']:9.2f} GiB")
     return "\n".join(lines)
 
 
 def check_fit(plan: dict) -> None:
+    side = plan.get("teacher_device")
+    if side and side["device_memory_gb"] and side["total_gb"] > side["device_memory_gb"]:
+        raise PlanError(
+            f"the teacher needs {side['total_gb']:.1f} GiB on teacher.device={side['device']} but it has "
+            f"{side['device_memory_gb']:.1f} GiB; set teacher.dtype=bfloat16, lower "
+            f"trainer.micro_batch_size, or set loss.chunk_size"
+        )
     mem = plan["device_memory_gb"]
     if mem and plan["total_gb"] > mem:
         counted = [row for row in plan["rows"] if not row[0].startswith("  ")]  # "of which" rows are not

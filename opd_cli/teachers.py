@@ -126,6 +126,7 @@ class Teacher:
         *,
         amp=None,
         enable_thinking: bool = False,
+        output_device: torch.device | None = None,
     ):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -133,7 +134,9 @@ class Teacher:
         self.amp = amp
         self.enable_thinking = enable_thinking
         self.max_len = getattr(model.config, "max_position_embeddings", None)
-        self.device = next(model.parameters()).device
+        self.device = next(model.parameters()).device  # where it runs (teacher.device)
+        self.output_device = torch.device(output_device) if output_device is not None else self.device
+        self._head: tuple | None = None  # the LM head on output_device (frozen: copied once)
 
     def prompt_ids(self, row: Row) -> list[int]:
         self.prompts.check_fields(row)
@@ -158,8 +161,17 @@ class Teacher:
         batch = pack(prompts, responses, self.tokenizer.pad_token_id).to(self.device)
         with self.amp() if self.amp else torch.autocast("cpu", enabled=False):
             states, logits = response_hidden_and_logits(self.model, batch, logits=not hidden)
+        out = self.output_device
         if hidden:
-            head = self.model.get_output_embeddings()
-            return TeacherHidden(states, head.weight, head.bias)
+            weight, bias = self.head_on_output_device()
+            return TeacherHidden(states.to(out), weight, bias)
         del states
-        return TeacherLogprobs(full=torch.log_softmax(logits.float(), dim=-1))
+        return TeacherLogprobs(full=torch.log_softmax(logits.float(), dim=-1).to(out))
+
+    def head_on_output_device(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight and bias where the loss runs (a teacher on its own device: a copy)."""
+        if self._head is None:
+            head = self.model.get_output_embeddings()
+            bias = head.bias.to(self.output_device) if head.bias is not None else None
+            self._head = (head.weight.to(self.output_device), bias)
+        return self._head

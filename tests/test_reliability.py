@@ -295,6 +295,7 @@ def _bad_input_cases(tmp: Path, models: dict) -> dict[str, tuple[list[str], str]
         "teacher path that is not a model": ([f"teacher.path={not_a_model}"], "is not a model directory"),
         "tokenizer/vocab mismatch": ([f"teacher.path={other_vocab}"], "teacher tokenizer"),
         "K larger than the vocabulary": (["loss=topk_rkl", "loss.k=1000"], "loss.k=1000 is larger"),
+        "teacher on a GPU the machine lacks": (["teacher.device=cuda:7"], "teacher.device=cuda:7 but"),
         "unwritable output directory": (
             [f"hydra.run.dir={a_file / 'run'}"],
             "cannot create the output directory",

@@ -141,3 +141,67 @@ def test_plan_numbers_and_the_fit_error(tmp_path):
     assert "needs" in res.stderr and "80.0 GiB" in res.stderr and "trainer.nproc" in res.stderr
     res = opd("plan", "model.path=/no/such/model", cwd=tmp_path)
     assert res.returncode == 2 and "built-in table" in res.stderr
+
+
+def test_plan_puts_a_teacher_on_its_own_device_there(tmp_path):
+    from opd_cli.cli import compose
+    from opd_cli.plan import PlanError, check_fit, format_plan, memory_plan
+
+    recipe = ["experiment=qwen3_opd_8b_topk", "trainer.device=cuda", "trainer.device_memory_gb=80"]
+    same = memory_plan(compose(recipe))
+    apart = memory_plan(compose([*recipe, "teacher.device=cuda:1"]))
+    assert same["teacher_device"] is None
+    learner_rows, teacher_rows = dict(apart["rows"]), dict(apart["teacher_device"]["rows"])
+    params = "teacher parameters (bf16, frozen)"
+    assert params in dict(same["rows"]) and params not in learner_rows and params in teacher_rows
+    moved = dict(same["rows"])[params] + dict(same["rows"])["teacher forward (transient, one layer)"]
+    head = learner_rows["teacher LM head copy (for the chunked loss)"]  # the recipe uses the chunked loss
+    assert math.isclose(apart["total_gb"], same["total_gb"] - moved + head, rel_tol=1e-9)
+    assert "teacher device (teacher.device=cuda:1)" in format_plan(apart)
+    check_fit(apart)
+    small = memory_plan(compose([*recipe, "teacher.device=cuda:1", "trainer.device_memory_gb=16"]))
+    try:
+        check_fit(small)
+    except PlanError as exc:
+        assert "teacher.device=cuda:1" in str(exc)
+    else:
+        raise AssertionError("a 16.3 GiB teacher fits on a 16 GiB device")
+    # a teacher on CPU is planned in fp32 there
+    cpu = memory_plan(compose([*recipe, "teacher.device=cpu"]))
+    assert "teacher parameters (fp32, frozen)" in dict(cpu["teacher_device"]["rows"])
+
+
+def test_teacher_device_config_errors(tmp_path):
+    for args, needle in [
+        (["teacher.device=gpu1"], "teacher.device='gpu1' is not a device"),
+        (["teacher.device=cuda:1", "trainer.nproc=2"], "every rank would put its teacher on that one GPU"),
+    ]:
+        res = opd("run", *args, "--cfg", "job", cwd=tmp_path)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and needle in res.stderr, res.stderr
+
+
+def test_teacher_outputs_move_to_the_learners_device(models):
+    """Teacher.score runs where the teacher is and hands the loss its outputs on output_device
+    ("meta" stands in for a second device on a CPU-only machine)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd_cli.tasks import make_task
+    from opd_cli.teachers import PromptBuilder, Teacher
+
+    task = make_task("arith")
+    tok = AutoTokenizer.from_pretrained(str(models["teacher"]))
+    model = AutoModelForCausalLM.from_pretrained(str(models["teacher"]))
+    rows = [{"problem": "1+2", "answer": "3", "system_prompt": ""}]
+    here = Teacher(model, tok, PromptBuilder(task))
+    apart = Teacher(model, tok, PromptBuilder(task), output_device="meta")
+    response = [tok("3")["input_ids"]]
+    full = here.score(rows, response)
+    moved = apart.score(rows, response)
+    assert full.full.device.type == "cpu" and moved.full.device.type == "meta"
+    assert moved.full.shape == full.full.shape
+    hidden = apart.score(rows, response, hidden=True)
+    assert hidden.hidden.device.type == "meta" and hidden.lm_head_weight.device.type == "meta"
+    assert apart.head_on_output_device()[0] is hidden.lm_head_weight  # the frozen head is copied once
+    assert here.score(rows, response, hidden=True).lm_head_weight is model.get_output_embeddings().weight
+    assert torch.equal(full.full, here.score(rows, response).full)

@@ -48,6 +48,7 @@ from opd_cli.learner import (
     load_model,
     load_tokenizer,
     pick_device,
+    teacher_device,
     weights_dtype,
 )
 from opd_cli.losses_chunked import chunked_loss
@@ -124,9 +125,11 @@ class OPDRun:
         # The OPSD teacher is a frozen copy of the step-0 student: the same checkpoint, loaded again.
         teacher_path = student_path if cfg.teacher.kind == "self_pi" else resolve_path(cfg.teacher.path, cfg)
         teacher_tok = self.tokenizer if teacher_path == student_path else load_tokenizer(teacher_path)
-        # frozen, so no fp32 master copy: bf16 weights on CUDA by default (teacher.dtype)
+        # frozen, so no fp32 master copy: bf16 weights on CUDA by default (teacher.dtype); on its own
+        # device with teacher.device (its outputs come back to the learner's device for the loss)
+        t_device = teacher_device(cfg.teacher.device, self.device)
         teacher_model = load_model(
-            teacher_path, self.device, trainable=False, dtype=weights_dtype(self.device, cfg.teacher.dtype)
+            teacher_path, t_device, trainable=False, dtype=weights_dtype(t_device, cfg.teacher.dtype)
         )
         check_same_vocabulary(self.tokenizer, teacher_tok, self.model, teacher_model)
         self.student_prompts: PromptBuilder = student_prompt_builder(self.task, cfg.teacher)
@@ -135,8 +138,11 @@ class OPDRun:
             teacher_tok,
             teacher_prompt_builder(self.task, cfg.teacher),
             amp=lambda: torch.autocast(
-                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+                t_device.type,
+                dtype=self.amp_dtype,
+                enabled=self.amp_dtype is not None and t_device.type == self.device.type,
             ),
+            output_device=self.device,
             enable_thinking=cfg.model.enable_thinking
             if cfg.teacher.get("enable_thinking") is None
             else cfg.teacher.enable_thinking,
