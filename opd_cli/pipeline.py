@@ -179,6 +179,7 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
 
 def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     """GRPO on the task's verifier reward; the result in `run_dir/model` is a `teacher.path` for OPD."""
+    from opd_cli.checkpoint import save_checkpoint, set_rng_state
     from opd_cli.learner import load_model, load_tokenizer, pick_device
     from opd_cli.rollout.base import make_engine
     from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
@@ -197,9 +198,18 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     task, train_rows, eval_rows = load_task_and_data(cfg.task)
     path = resolve_path(cfg.model.path, cfg)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, device, trainable=True)
+    ckpt_root = run_dir / "checkpoints"
+    ckpt, state = _rlvr_resume_point(cfg, run_dir, ckpt_root)
+    model = load_model(ckpt or path, device, trainable=True)  # a checkpoint holds the weights so far
+    if state is not None:
+        set_rng_state(state["rng"])
     engine = make_engine(cfg.rollout.engine, path, device=device.type, model=model)
-    tracker = Tracker(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger)
+    tracker = Tracker(
+        run_dir,
+        OmegaConf.to_container(cfg, resolve=True),
+        cfg.logger,
+        resume_step=None if state is None else state["step"],
+    )
 
     def prompt_ids(row, system_prompt):
         return chat_prompt_ids(
@@ -215,34 +225,47 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.log(step, headline(result))
         return result
 
+    tc = cfg.trainer
+
+    def save(step: int, loop_state: dict, **extra) -> None:
+        trainer_state = {"stage": "rlvr", "start_eval": start, **loop_state, **extra}
+        save_checkpoint(ckpt_root, step, model, tokenizer, trainer_state)
+
     try:
-        start = run_eval(0)
-        tc = cfg.trainer
-        grpo_train(
-            model,
-            tokenizer,
-            task,
-            train_rows,
-            engine=engine,
-            steps=tc.steps,
-            prompts_per_step=tc.prompts_per_step,
-            samples_per_prompt=cfg.rollout.n,
-            lr=tc.lr,
-            clip_eps=tc.clip_eps,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            seed=cfg.seed,
-            warmup_ratio=tc.warmup_ratio,
-            schedule=tc.schedule,
-            weight_decay=tc.weight_decay,
-            grad_clip=tc.grad_clip,
-            progress=False,
-            log_fn=lambda step, m: tracker.log(step, {k: v for k, v in m.items() if k != "step"}),
-            log_every=1,
-            enable_thinking=cfg.model.enable_thinking,
-        )
-        final = run_eval(tc.steps)
+        start = run_eval(0) if state is None else state["start_eval"]
+        if state is not None and "final_eval" in state:  # killed after its last checkpoint
+            final = state["final_eval"]
+        else:
+            grpo_train(
+                model,
+                tokenizer,
+                task,
+                train_rows,
+                engine=engine,
+                steps=tc.steps,
+                prompts_per_step=tc.prompts_per_step,
+                samples_per_prompt=cfg.rollout.n,
+                lr=tc.lr,
+                clip_eps=tc.clip_eps,
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                seed=cfg.seed,
+                warmup_ratio=tc.warmup_ratio,
+                schedule=tc.schedule,
+                weight_decay=tc.weight_decay,
+                grad_clip=tc.grad_clip,
+                progress=False,
+                log_fn=lambda step, m: tracker.log(step, {k: v for k, v in m.items() if k != "step"}),
+                log_every=1,
+                enable_thinking=cfg.model.enable_thinking,
+                save_every=tc.save_every,
+                on_checkpoint=save,
+                start_state=state,
+            )
+            final = run_eval(tc.steps)
+            # the last checkpoint follows the final evaluation row, so a resume logs nothing twice
+            save(tc.steps, {"step": tc.steps}, final_eval=final)
         out = run_dir / "model"
         model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
@@ -263,6 +286,25 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         engine.close()
         tracker.finish()
+
+
+def _rlvr_resume_point(cfg: DictConfig, run_dir: Path, ckpt_root: Path):
+    """(checkpoint dir, trainer state) to continue a killed stage=rlvr run from, or (None, None)."""
+    from opd_cli.checkpoint import discard_partial_writes, latest_checkpoint, load_trainer_state
+
+    if not cfg.resume:
+        return None, None
+    ckpt = latest_checkpoint(ckpt_root)
+    discard_partial_writes(ckpt_root)
+    if ckpt is None:
+        raise OpdError(f"resume={run_dir}: no complete checkpoint in {ckpt_root}; start a new run")
+    state = load_trainer_state(ckpt)
+    if state.get("stage") != "rlvr":
+        raise OpdError(
+            f"resume={run_dir}: {ckpt} is not a stage=rlvr checkpoint; resume with the run's config"
+        )
+    log.info("resumed from %s at step %d", ckpt, state["step"])
+    return ckpt, state
 
 
 def run_data_parallel(cfg: DictConfig, run_dir: Path) -> dict:

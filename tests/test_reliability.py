@@ -433,3 +433,72 @@ def test_fuzzed_overrides_compose_or_fail_with_one_line_exit_2(tmp_path):
         )
 
     check()
+
+
+# ------------------------------------------------------------------------------ stage=rlvr resume
+def _rlvr_args(run_dir: Path) -> list[str]:
+    # the shipped SFT student gets some answers right, so GRPO groups carry signal and the optimizer moves
+    return [
+        "stage=rlvr",
+        "model=student_sft",
+        "rollout=hf",
+        "logger=none",
+        "rollout.n=4",
+        "rollout.max_new_tokens=48",
+        "trainer.prompts_per_step=4",
+        "trainer.steps=4",
+        "trainer.save_every=1",
+        "trainer.lr=1e-4",
+        "task.train_size=64",
+        "eval.size=8",
+        "eval.max_new_tokens=48",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def _rlvr_rows(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in without_times(metrics(run_dir))]
+
+
+@pytest.mark.slow
+def test_rlvr_stage_resumes_from_its_last_checkpoint_to_the_same_teacher(tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    res = opd_inprocess(*_rlvr_args(full))
+    assert res.exit_code == 0, res.output
+    reference = _rlvr_rows(full)
+    assert any(r.get("loss") is not None for r in reference), "no GRPO update: the test would prove nothing"
+
+    import opd_cli.stages.rlvr as rlvr
+
+    real, calls = rlvr.group_advantages, []
+
+    def dies_at_step_3(rewards, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process goes down in the middle of step 3
+        return real(rewards, *a, **kw)
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(rlvr, "group_advantages", dies_at_step_3)
+    res = opd_inprocess(*_rlvr_args(killed))
+    assert res.exit_code != 0
+    assert latest_checkpoint(killed / "checkpoints").name == "step_000002"
+    monkeypatch.setattr(rlvr, "group_advantages", real)
+    (killed / "checkpoints" / ".latest.x.tmp").write_text("debris of a kill")
+    res = opd_inprocess(f"resume={killed}")
+    assert res.exit_code == 0, res.output
+    assert _rlvr_rows(killed) == reference
+    assert summary(killed)["final_accuracy"] == summary(full)["final_accuracy"]
+    from safetensors.torch import load_file
+
+    a, b = (
+        load_file(str(full / "model" / "model.safetensors")),
+        load_file(str(killed / "model" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((killed / "checkpoints").glob(".*.tmp"))
+    # and a resume of the finished run changes nothing
+    before = metrics(killed)
+    res = opd_inprocess(f"resume={killed}")
+    assert res.exit_code == 0, res.output
+    assert metrics(killed) == before

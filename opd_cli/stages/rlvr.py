@@ -91,9 +91,18 @@ def grpo_train(
     callback: Callable[[int, dict], bool | None] | None = None,
     eval_every: int = 0,
     enable_thinking: bool = False,
+    save_every: int = 0,
+    on_checkpoint: Callable[[int, dict], None] | None = None,
+    start_state: dict | None = None,
 ) -> dict:
     """Train `model` in place by GRPO on `rows`; returns the last step's metrics. `enable_thinking` is
-    the policy's chat-template setting (`model.enable_thinking`)."""
+    the policy's chat-template setting (`model.enable_thinking`).
+
+    Checkpoints: every `save_every` steps before the last, `on_checkpoint(step, state)` receives the
+    loop's state (optimizer and schedule, prompt sampler, counters); the caller saves it with the model's
+    weights. `start_state` (such a state, the weights already in `model`) continues after its step and
+    gives the same steps as the uninterrupted run: the rollouts are seeded per step.
+    """
     if not rows:
         raise ValueError("grpo_train: no rows")
     if samples_per_prompt < 2:
@@ -120,10 +129,17 @@ def grpo_train(
     pad = tokenizer.pad_token_id
     metrics: dict = {}
     skipped = 0
+    first = 1
+    if start_state is not None:
+        learner.load_state_dict(start_state["learner"])
+        gen.set_state(start_state["prompt_sampler"])
+        skipped, metrics, first = start_state["skipped"], dict(start_state["metrics"]), start_state["step"] + 1
     t0 = time.perf_counter()
     bar = _progress(progress, description, steps)
+    if bar is not None and first > 1:
+        bar[0].update(bar[1], completed=first - 1)
     try:
-        for step in range(1, steps + 1):
+        for step in range(first, steps + 1):
             pick = torch.randint(len(rows), (prompts_per_step,), generator=gen).tolist()
             engine.sync_weights(model)
             groups = engine.generate([prompts[i] for i in pick], sampling, derive_seed(seed, step))
@@ -180,12 +196,25 @@ def grpo_train(
                 engine.sync_weights(model)
                 if callback(step, metrics):
                     break
+            if on_checkpoint is not None and save_every and step % save_every == 0 and step < steps:
+                on_checkpoint(step, rlvr_state(step, learner, gen, skipped, metrics))
     finally:
         if bar is not None:
             bar[0].stop()
     engine.sync_weights(model)
     model.eval()
     return metrics
+
+
+def rlvr_state(step: int, learner: Learner, gen: torch.Generator, skipped: int, metrics: dict) -> dict:
+    """What `grpo_train(start_state=...)` needs besides the weights to continue after `step`."""
+    return {
+        "step": step,
+        "learner": learner.state_dict(),
+        "prompt_sampler": gen.get_state(),
+        "skipped": skipped,
+        "metrics": dict(metrics),
+    }
 
 
 def _split(items: list[int], parts: int) -> list[list[int]]:
