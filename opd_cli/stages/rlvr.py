@@ -133,7 +133,11 @@ def grpo_train(
     if start_state is not None:
         learner.load_state_dict(start_state["learner"])
         gen.set_state(start_state["prompt_sampler"])
-        skipped, metrics, first = start_state["skipped"], dict(start_state["metrics"]), start_state["step"] + 1
+        skipped, metrics, first = (
+            start_state["skipped"],
+            dict(start_state["metrics"]),
+            start_state["step"] + 1,
+        )
     t0 = time.perf_counter()
     bar = _progress(progress, description, steps)
     if bar is not None and first > 1:
