@@ -73,7 +73,9 @@ class LossConfig:
     beta: float = 0.5  # gjsd only
     is_clip: float | None = None  # sampled_rkl: truncated importance ratio cap
     reduction: str = "token_mean"  # token_mean | seq_mean
-    chunk_size: int = 0  # >0: chunked path from hidden states (never all [tokens, vocab] logits at once)
+    # >0: chunked path from hidden states (never all [tokens, vocab] logits at once); stage=rlvr uses it
+    # for the policy's sampled-token log-probs
+    chunk_size: int = 0
 
 
 @dataclass
@@ -116,14 +118,13 @@ class TrainerConfig:
     nproc: int = 1  # data-parallel learner ranks started by opd (1 = this process; torchrun sets its own)
     parallel: str = "ddp"  # ddp (full weights per rank) | fsdp (FSDP2 fully_shard: sharded weights/optimizer)
     device_memory_gb: float | None = None  # memory per device for `opd plan`; None = detected
-    # OPD/OPSD learner (stage=opd; sft/rlvr ignore both): sequences per forward/backward, teacher scoring
-    # included; gradients accumulate into one optimizer step equal to the whole-batch one. 0 = the rank's
-    # whole batch at once.
+    # OPD/OPSD and GRPO learners (stage=opd / rlvr; sft ignores both): sequences per forward/backward,
+    # teacher scoring included; gradients accumulate into one optimizer step equal to the whole-batch one.
+    # 0 = the rank's whole batch (GRPO: minibatch) at once.
     micro_batch_size: int = 0
     activation_checkpointing: bool = False  # recompute the student's layer activations in backward
     # rlvr stage (GRPO)
     clip_eps: float = 0.2
-    kl_coef: float = 0.0
 
 
 @dataclass

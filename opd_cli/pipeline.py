@@ -180,7 +180,7 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
 def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     """GRPO on the task's verifier reward; the result in `run_dir/model` is a `teacher.path` for OPD."""
     from opd_cli.checkpoint import save_checkpoint, set_rng_state
-    from opd_cli.learner import load_model, load_tokenizer, pick_device
+    from opd_cli.learner import autocast_dtype, load_model, load_tokenizer, pick_device
     from opd_cli.rollout.base import make_engine
     from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
     from opd_cli.stages.evaluate import evaluate, headline
@@ -201,6 +201,8 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt_root = run_dir / "checkpoints"
     ckpt, state = _rlvr_resume_point(cfg, run_dir, ckpt_root)
     model = load_model(ckpt or path, device, trainable=True)  # a checkpoint holds the weights so far
+    if cfg.trainer.activation_checkpointing:  # recompute each layer in backward (generation is unaffected)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if state is not None:
         set_rng_state(state["rng"])
     engine = make_engine(cfg.rollout.engine, path, device=device.type, model=model)
@@ -262,6 +264,9 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
                 save_every=tc.save_every,
                 on_checkpoint=save,
                 start_state=state,
+                micro_batch_size=tc.micro_batch_size,
+                chunk_size=cfg.loss.chunk_size,
+                amp_dtype=autocast_dtype(device, cfg.model.dtype),
             )
             final = run_eval(tc.steps)
             # the last checkpoint follows the final evaluation row, so a resume logs nothing twice

@@ -150,7 +150,10 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     """Rows of (component, GiB per device) and the context needed to read them."""
     tc, r = cfg.trainer, cfg.rollout
     student, s_src = model_shape(cfg.model.path, cfg)
-    if cfg.teacher.kind == "self_pi":
+    with_teacher = cfg.stage == "opd"  # GRPO (rlvr) and SFT train without a teacher in memory
+    if not with_teacher:
+        teacher, t_src = ModelShape(0, 0, 0, 0, 0, 0, 0, True), f"none in memory (stage={cfg.stage})"
+    elif cfg.teacher.kind == "self_pi":
         teacher, t_src = student, "frozen copy of the student"
     else:
         fallback = student if cfg.teacher.kind == "rlvr" else None
@@ -161,15 +164,22 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     samples = math.ceil(tc.prompts_per_step * r.n / ranks)
     seq = prompt_tokens + r.max_new_tokens
     tokens = samples * seq
-    opd_stage = cfg.stage == "opd"  # micro-batching and checkpointing are the OPD learner's (sft/rlvr: not)
-    micro = min(tc.micro_batch_size or samples, samples) if opd_stage else samples  # per forward/backward
+    batched = cfg.stage in (
+        "opd",
+        "rlvr",
+    )  # micro-batching and checkpointing: OPD and GRPO learners (not sft)
+    micro = min(tc.micro_batch_size or samples, samples) if batched else samples  # per forward/backward
     mb_tokens, mb_response = micro * seq, micro * r.max_new_tokens
     cuda = tc.device == "cuda" or (tc.device == "auto" and detected_device_memory_gb() is not None)
     act_bytes = 2 if cuda else 4  # bf16 autocast on CUDA, fp32 on CPU
     # teacher.device: the teacher's weights and forward on a device of their own (its outputs still
     # land on the learner's device for the loss)
     td = str(cfg.teacher.device)
-    separate = td not in ("same", "cuda" if cuda else "cpu") and not (cuda and ranks == 1 and td == "cuda:0")
+    separate = (
+        with_teacher
+        and td not in ("same", "cuda" if cuda else "cpu")
+        and not (cuda and ranks == 1 and td == "cuda:0")
+    )
     t_cuda = td.startswith("cuda") if separate else cuda
     t_dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else ("bfloat16" if t_cuda else "float32")
     t_bytes = 4 if t_dtype == "float32" else 2
@@ -177,7 +187,7 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     v = student.vocab
     chunked = cfg.loss.chunk_size > 0
     logit_rows = cfg.loss.chunk_size if chunked else mb_response
-    checkpointed = tc.activation_checkpointing and opd_stage
+    checkpointed = tc.activation_checkpointing and batched
     if checkpointed:  # each layer's fp32 input, plus one layer's activations recomputed in backward
         act_name = "activations (checkpointed)"
         act = mb_tokens * (
@@ -205,10 +215,10 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
         ("student parameters (fp32)", 4 * student.params / shard),
         ("student gradients (fp32)", 4 * student.params / shard),
         ("Adam states (2 x fp32)", 8 * student.params / shard),
-        *([] if separate else teacher_rows[:1]),
+        *([] if separate or not with_teacher else teacher_rows[:1]),
         (act_name, act),
-        teacher_out,
-        *([] if separate else teacher_rows[1:]),
+        *([teacher_out] if with_teacher else []),
+        *([] if separate or not with_teacher else teacher_rows[1:]),
         *(
             [("teacher LM head copy (for the chunked loss)", t_bytes * teacher.vocab * teacher.hidden)]
             if separate and chunked
@@ -264,7 +274,7 @@ def format_plan(plan: dict) -> str:
         f"({plan['prompt_tokens']} prompt + response) = {plan['tokens_per_rank']} tokens per rank, "
         f"{plan['micro_batch']} sequence(s) per micro-batch (tokens below: one micro-batch's)",
         f"  student {s_params / 1e9:.2f}B params: {s_src}",
-        f"  teacher {t_params / 1e9:.2f}B params: {t_src}",
+        f"  teacher {t_params / 1e9:.2f}B params: {t_src}" if t_params else f"  teacher: {t_src}",
     ]
     width = max(len(name) for name, _ in plan["rows"])
     lines += [f"  {name:<{width}}  {gb:9.2f} GiB" for name, gb in plan["rows"]]

@@ -197,10 +197,10 @@ def test_plan_shrinks_per_micro_batch():
     # the recipe's own settings fit an 80 GiB GPU
     recipe = memory_plan(compose(["experiment=qwen3_opd_8b_topk", "trainer.device_memory_gb=80"]))
     assert recipe["micro_batch"] == 2 and recipe["total_gb"] < 80
-    # the rlvr stage shares the recipe but not micro-batching: its plan keeps the whole batch
-    rlvr = memory_plan(compose(["experiment=qwen3_rlvr_teacher"]))
-    assert rlvr["micro_batch"] == rlvr["samples_per_rank"] == 256
-    assert "activations (no checkpointing)" in dict(rlvr["rows"])
+    # stage=sft does not micro-batch: its plan keeps the whole batch (GRPO does: see the GRPO tests below)
+    sft = memory_plan(compose(["experiment=qwen3_rlvr_teacher", "stage=sft"]))
+    assert sft["micro_batch"] == sft["samples_per_rank"] == 256
+    assert "activations (no checkpointing)" in dict(sft["rows"])
 
 
 def opd(*args: str, cwd: Path, timeout: int = 600):
@@ -242,3 +242,88 @@ def test_two_ranks_with_uneven_micro_batch_counts_follow_one_rank(models, tmp_pa
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "grad_norm", "student_mass_in_support", "topk_overlap", "tokens"):
             assert math.isclose(ra[key], rb[key], rel_tol=1e-4, abs_tol=1e-7), (key, ra[key], rb[key])
+
+
+# ------------------------------------------------------------------------------------ GRPO (stage=rlvr)
+def test_chunked_sampled_token_logprobs_equal_the_full_log_softmax():
+    from opd_cli.stages.rlvr import sampled_token_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=True)
+    hidden = torch.randn(3, 7, 8, generator=gen, requires_grad=True)
+    tokens = torch.randint(50, (3, 7), generator=gen)
+    weights = torch.randn(3, 7, generator=gen)
+    results = []
+    for chunk in (0, 4, 21, 100):  # 21 rows in all: uneven chunks, one chunk, more than the rows
+        hidden.grad = None
+        head.zero_grad()
+        logp = sampled_token_logprobs(hidden, head, tokens, chunk)
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(b, a, rtol=RTOL, atol=1e-7)
+
+
+def _grpo(micro: int, chunk: int, checkpointing: bool) -> tuple[dict, dict]:
+    """Two GRPO steps on the shipped SFT student (it solves some prompts, so groups carry signal)."""
+    from opd_cli.learner import load_model, load_tokenizer
+    from opd_cli.rollout.base import make_engine
+    from opd_cli.stages.rlvr import grpo_train
+    from opd_cli.tasks import make_task
+    from opd_cli.testbed.paths import resolve_model_path
+
+    path = resolve_model_path("testbed:student_sft")
+    task = make_task("arith")
+    rows = task.generate(48, seed=0)
+    model = load_model(path, torch.device("cpu"))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    metrics = grpo_train(
+        model,
+        load_tokenizer(path),
+        task,
+        rows,
+        engine=make_engine("hf", path, model=model),
+        steps=2,
+        prompts_per_step=5,  # 5 prompts x 4 samples: micro-batches of 3 leave a short last one
+        samples_per_prompt=4,
+        lr=1e-4,
+        max_new_tokens=48,
+        seed=3,
+        progress=False,
+        micro_batch_size=micro,
+        chunk_size=chunk,
+    )
+    return metrics, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_micro_batched_chunked_grpo_equals_the_whole_batch_grpo():
+    """stage=rlvr's memory options change no number: micro-batches of 3 sequences with gradient
+    accumulation, chunked log-probs and activation checkpointing give the whole-batch GRPO steps."""
+    whole_metrics, whole = _grpo(micro=0, chunk=0, checkpointing=False)
+    assert whole_metrics["loss"] != 0.0 and whole_metrics["skipped_steps"] < 2, "no update: a vacuous check"
+    for micro, chunk, checkpointing in [(3, 0, False), (3, 16, True), (0, 7, False)]:
+        metrics, params = _grpo(micro, chunk, checkpointing)
+        for key in ("reward", "loss", "clip_frac", "ratio_mean", "grad_norm", "skipped_steps"):
+            assert math.isclose(metrics[key], whole_metrics[key], rel_tol=RTOL, abs_tol=1e-7), (
+                micro,
+                chunk,
+                key,
+            )
+        # Adam divides each coordinate's gradient by its own scale, so float-order noise in a gradient that
+        # is zero in exact arithmetic (the key bias: softmax ignores it) moves a weight by a share of lr;
+        # 5% of one lr=1e-4 step bounds that (measured: <= 1.4e-6).
+        for name, value in whole.items():
+            torch.testing.assert_close(params[name], value, rtol=RTOL, atol=5e-6)
+
+
+def test_plan_of_the_grpo_teacher_recipe_has_no_teacher_and_fits():
+    from opd_cli.cli import compose
+    from opd_cli.plan import check_fit, memory_plan
+
+    plan = memory_plan(compose(["experiment=qwen3_rlvr_teacher", "trainer.device_memory_gb=80"]))
+    names = [name for name, _ in plan["rows"]]
+    assert not [n for n in names if "teacher" in n] and plan["micro_batch"] == 2
+    assert "activations (checkpointed)" in names and "student logits + grad (chunks of 2048)" in names
+    check_fit(plan)  # 3.6 TB of activations before GRPO had micro-batching

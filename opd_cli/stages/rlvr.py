@@ -19,6 +19,9 @@ One step:
    optimizer step), so later minibatches are off-policy and the clip matters;
 5. weight sync: the engine receives the new weights.
 
+Memory at scale (`micro_batch_size`, `chunk_size`, activation checkpointing on the model): the same step,
+computed a few sequences and a few thousand logit rows at a time (tests/test_microbatch.py).
+
 No KL to a reference model: with a verifiable reward and a few hundred steps it is not needed here.
 """
 
@@ -31,6 +34,7 @@ import torch
 
 from opd_cli.batching import pack, response_hidden_and_logits
 from opd_cli.learner import Learner
+from opd_cli.losses import lm_head_logits
 from opd_cli.rollout.base import RolloutEngine, SamplingConfig, derive_seed
 from opd_cli.stages.sft import _progress, prompt_ids
 from opd_cli.tasks.base import Row, Task
@@ -47,11 +51,19 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def clipped_pg_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    n_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Token-mean PPO clipped surrogate. logp/old_logp/mask [B, T], advantages [B] (one per sequence)."""
+    """Token-mean PPO clipped surrogate. logp/old_logp/mask [B, T], advantages [B] (one per sequence).
+
+    `n_tokens`: the denominator when these rows are one micro-batch of a larger minibatch (its response
+    tokens), so that the micro-batches' losses and gradients add up to the minibatch's token mean."""
     mask = mask.float()
-    n = mask.sum().clamp_min(1.0)
+    n = mask.sum().clamp_min(1.0) if n_tokens is None else torch.tensor(float(max(n_tokens, 1)))
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
@@ -60,6 +72,45 @@ def clipped_pg_loss(
         clipped = ((ratio - 1.0).abs() > clip_eps).float()
         info = {"clip_frac": float((clipped * mask).sum() / n), "ratio_mean": float((ratio * mask).sum() / n)}
     return loss, info
+
+
+def sampled_token_logprobs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    tokens: torch.Tensor,
+    chunk_size: int = 0,
+) -> torch.Tensor:
+    """log p(token) [B, T] from the final hidden states [B, T, H] and the LM head.
+
+    `chunk_size` > 0 computes the [rows, V] logits that many rows at a time and recomputes them in
+    backward (activation checkpointing per chunk), so the batch's [B*T, V] logits, log-softmax and their
+    gradient never exist: with V = 151,936 and 8k-token responses that is the difference between ~15 GiB
+    per sequence and ~3.5 GiB per chunk of 2048 rows. Equal to the unchunked path in value and gradient.
+    """
+    if chunk_size <= 0:
+        logits = head(hidden)
+        return torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    from torch.utils.checkpoint import checkpoint
+
+    b, t, h = hidden.shape
+    flat_h, flat_t = hidden.reshape(b * t, h), tokens.reshape(b * t)
+    parts = [
+        checkpoint(
+            _chunk_logprobs,
+            flat_h[i : i + chunk_size],
+            head.weight,
+            head.bias,
+            flat_t[i : i + chunk_size],
+            use_reentrant=False,
+        )
+        for i in range(0, b * t, chunk_size)
+    ]
+    return torch.cat(parts).reshape(b, t)
+
+
+def _chunk_logprobs(hidden, weight, bias, tokens):
+    logits = lm_head_logits(hidden, weight, bias)
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def grpo_train(
@@ -94,6 +145,9 @@ def grpo_train(
     save_every: int = 0,
     on_checkpoint: Callable[[int, dict], None] | None = None,
     start_state: dict | None = None,
+    micro_batch_size: int = 0,
+    chunk_size: int = 0,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict:
     """Train `model` in place by GRPO on `rows`; returns the last step's metrics. `enable_thinking` is
     the policy's chat-template setting (`model.enable_thinking`).
@@ -102,6 +156,11 @@ def grpo_train(
     loop's state (optimizer and schedule, prompt sampler, counters); the caller saves it with the model's
     weights. `start_state` (such a state, the weights already in `model`) continues after its step and
     gives the same steps as the uninterrupted run: the rollouts are seeded per step.
+
+    Memory: `micro_batch_size` > 0 runs forward/backward that many sequences at a time and accumulates
+    one optimizer step per minibatch (the same gradient: each micro-batch's loss is divided by the
+    minibatch's token count); `chunk_size` > 0 never materializes the minibatch's [tokens, V] logits
+    (`sampled_token_logprobs`); `amp_dtype` is the forward's autocast dtype (bf16 on CUDA).
     """
     if not rows:
         raise ValueError("grpo_train: no rows")
@@ -118,6 +177,7 @@ def grpo_train(
         grad_clip=grad_clip,
         warmup_ratio=warmup_ratio,
         schedule=schedule,
+        amp_dtype=amp_dtype,
     )
     sampling = SamplingConfig(
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=samples_per_prompt
@@ -172,24 +232,35 @@ def grpo_train(
             else:
                 model.train()
                 for chunk in _split(keep, updates_per_step):
-                    batch = pack(
-                        [samples[j].prompt_ids for j in chunk], [samples[j].response_ids for j in chunk], pad
-                    ).to(device)
-                    old = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
-                    for r, j in enumerate(chunk):
-                        old[r, : samples[j].num_tokens] = torch.tensor(samples[j].logprobs)
-                    with learner.autocast():
-                        _, logits = response_hidden_and_logits(model, batch)
-                        logp = (
-                            torch.log_softmax(logits.float(), -1)
-                            .gather(-1, batch.response_ids[..., None])
-                            .squeeze(-1)
+                    n_tokens = sum(samples[j].num_tokens for j in chunk)
+                    sums = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
+                    for micro in _micro(chunk, micro_batch_size):
+                        batch = pack(
+                            [samples[j].prompt_ids for j in micro],
+                            [samples[j].response_ids for j in micro],
+                            pad,
+                        ).to(device)
+                        old = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+                        for r, j in enumerate(micro):
+                            old[r, : samples[j].num_tokens] = torch.tensor(samples[j].logprobs)
+                        with learner.autocast():
+                            hidden, _ = response_hidden_and_logits(model, batch, logits=False)
+                            logp = sampled_token_logprobs(
+                                hidden, model.get_output_embeddings(), batch.response_ids, chunk_size
+                            )
+                        loss, info = clipped_pg_loss(
+                            logp,
+                            old.to(device),
+                            adv[micro].to(device),
+                            batch.response_mask,
+                            clip_eps,
+                            n_tokens=n_tokens,
                         )
-                    loss, info = clipped_pg_loss(
-                        logp, old.to(device), adv[chunk].to(device), batch.response_mask, clip_eps
-                    )
-                    info.update(learner.step(loss))
-                    metrics.update(loss=float(loss.detach()), **info)
+                        learner.backward(loss)
+                        sums["loss"] += float(loss.detach())
+                        for key in ("clip_frac", "ratio_mean"):  # token means over the minibatch
+                            sums[key] += info[key]
+                    metrics.update(**sums, **learner.step())
                 model.eval()
             metrics.update(skipped_steps=skipped, seconds=time.perf_counter() - t0)
             if bar is not None:
@@ -219,6 +290,12 @@ def rlvr_state(step: int, learner: Learner, gen: torch.Generator, skipped: int, 
         "skipped": skipped,
         "metrics": dict(metrics),
     }
+
+
+def _micro(items: list[int], size: int) -> list[list[int]]:
+    """Consecutive micro-batches of `size` items (0: all at once)."""
+    size = size if size > 0 else len(items)
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _split(items: list[int], parts: int) -> list[list[int]]:
