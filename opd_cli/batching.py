@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from opd_cli.losses import lm_head_logits
+
 
 @dataclass
 class PackedBatch:
@@ -94,3 +96,42 @@ class ResponseForward(torch.nn.Module):
     def forward(self, input_ids, attention_mask, response_index, logits: bool = True):
         batch = PackedBatch(input_ids, attention_mask, response_index, response_index, attention_mask)
         return response_hidden_and_logits(self.lm, batch, logits=logits)
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    tokens: torch.Tensor,
+    chunk_size: int = 0,
+) -> torch.Tensor:
+    """log p(token) [B, T] from the final hidden states [B, T, H] and the LM head.
+
+    `chunk_size` > 0 computes the [rows, V] logits that many rows at a time and recomputes them in
+    backward (activation checkpointing per chunk), so the batch's [B*T, V] logits, log-softmax and their
+    gradient never exist: with V = 151,936 and 8k-token responses that is the difference between ~15 GiB
+    per sequence and ~3.5 GiB per chunk of 2048 rows. Equal to the unchunked path in value and gradient.
+    """
+    if chunk_size <= 0:
+        logits = head(hidden)
+        return torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    from torch.utils.checkpoint import checkpoint
+
+    b, t, h = hidden.shape
+    flat_h, flat_t = hidden.reshape(b * t, h), tokens.reshape(b * t)
+    parts = [
+        checkpoint(
+            _chunk_logprobs,
+            flat_h[i : i + chunk_size],
+            head.weight,
+            head.bias,
+            flat_t[i : i + chunk_size],
+            use_reentrant=False,
+        )
+        for i in range(0, b * t, chunk_size)
+    ]
+    return torch.cat(parts).reshape(b, t)
+
+
+def _chunk_logprobs(hidden, weight, bias, tokens):
+    logits = lm_head_logits(hidden, weight, bias)
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)

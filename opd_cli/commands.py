@@ -145,9 +145,14 @@ def print_plans(overrides: list[str], multirun: bool, prompt_tokens: int = 512) 
     prevalidate(overrides, multirun, writes=False)
     plans = []
     for combo in job_overrides(overrides, multirun):
-        plan = memory_plan(compose(combo), prompt_tokens)
+        cfg = compose(combo)
         if multirun:
             click.echo(f"job: {' '.join(combo)}")
+        if cfg.stage == "opd" and cfg.stabilization.kind == "sft":  # the SFT stage runs first, on its own
+            sft = memory_plan(compose([*combo, "stage=sft"]), prompt_tokens)
+            click.echo("stabilization=sft, before OPD: " + format_plan(sft))
+            plans.append(sft)
+        plan = memory_plan(cfg, prompt_tokens)
         click.echo(format_plan(plan))
         plans.append(plan)
     for plan in plans:

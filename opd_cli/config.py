@@ -118,9 +118,9 @@ class TrainerConfig:
     nproc: int = 1  # data-parallel learner ranks started by opd (1 = this process; torchrun sets its own)
     parallel: str = "ddp"  # ddp (full weights per rank) | fsdp (FSDP2 fully_shard: sharded weights/optimizer)
     device_memory_gb: float | None = None  # memory per device for `opd plan`; None = detected
-    # OPD/OPSD and GRPO learners (stage=opd / rlvr; sft ignores both): sequences per forward/backward,
-    # teacher scoring included; gradients accumulate into one optimizer step equal to the whole-batch one.
-    # 0 = the rank's whole batch (GRPO: minibatch) at once.
+    # Every learner (OPD/OPSD, GRPO, SFT): sequences per forward/backward, teacher scoring included;
+    # gradients accumulate into one optimizer step equal to the whole-batch one. 0 = the rank's whole
+    # batch (GRPO: minibatch; SFT: stabilization.batch_size) at once.
     micro_batch_size: int = 0
     activation_checkpointing: bool = False  # recompute the student's layer activations in backward
     # rlvr stage (GRPO)

@@ -89,20 +89,36 @@ def _sft_examples(cfg: DictConfig, task, rows: list[dict], device) -> tuple[list
 
     teacher_path = resolve_path(st.trace_model or cfg.teacher.path, cfg)
     tok = load_tokenizer(teacher_path)
-    teacher = load_model(teacher_path, device, trainable=False)
-    engine = make_engine("hf", teacher_path, device=device.type, model=teacher)
     thinking = cfg.teacher.get("enable_thinking")
     thinking = cfg.model.enable_thinking if thinking is None else thinking  # the trace writer's template
     prompts = [chat_prompt_ids(tok, task.messages(r), thinking) for r in rows]
-    groups = engine.generate(
-        prompts,
-        SamplingConfig(
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            max_new_tokens=cfg.eval.max_new_tokens,
-        ),
-        derive_seed(cfg.seed, 424242),
-    )
+    # The traces come from the rollout engine: vLLM at scale (20k traces of thousands of tokens), HF on
+    # the testbed. The engine is closed before the student is loaded for training.
+    if cfg.rollout.engine == "vllm":
+        engine = make_engine(
+            "vllm",
+            teacher_path,
+            device=device.type,
+            dtype="bfloat16" if device.type == "cuda" else "float32",
+            seed=cfg.seed,
+            max_model_len=cfg.rollout.max_model_len,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        )
+    else:
+        teacher = load_model(teacher_path, device, trainable=False)
+        engine = make_engine("hf", teacher_path, device=device.type, model=teacher)
+    try:
+        groups = engine.generate(
+            prompts,
+            SamplingConfig(
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                max_new_tokens=cfg.eval.max_new_tokens,
+            ),
+            derive_seed(cfg.seed, 424242),
+        )
+    finally:
+        engine.close()
     examples = []
     for row, group in zip(rows, groups, strict=True):
         text = tok.decode(group[0].response_ids, skip_special_tokens=True)
@@ -119,8 +135,10 @@ def _sft_examples(cfg: DictConfig, task, rows: list[dict], device) -> tuple[list
 
 def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
     """SFT the configured student (`model.path`) and save it, with its tokenizer, to `out`."""
+    import torch
+
     from opd_cli.batching import pack
-    from opd_cli.learner import load_model, load_tokenizer, pick_device
+    from opd_cli.learner import autocast, autocast_dtype, load_model, load_tokenizer, pick_device
     from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
     from opd_cli.stages.sft import response_nll, sft_train, tokenize_examples
 
@@ -129,20 +147,29 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
     task, train_rows, _ = load_task_and_data(cfg.task)
     path = resolve_path(cfg.model.path, cfg)
     tokenizer = load_tokenizer(path)
+    examples, stats = _sft_examples(cfg, task, train_rows, device)  # before the student takes the device
     model = load_model(path, device, trainable=True)
-    examples, stats = _sft_examples(cfg, task, train_rows, device)
+    if cfg.trainer.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    amp_dtype = autocast_dtype(device, cfg.model.dtype)
+    micro, chunk = cfg.trainer.micro_batch_size, cfg.loss.chunk_size
     held_out = tokenize_examples(
         tokenizer, examples[-min(256, max(1, len(examples) // 8)) :], cfg.model.enable_thinking
     )
 
     def nll() -> float:
-        import torch
-
-        with torch.no_grad():
-            batch = pack([p for p, _ in held_out], [r for _, r in held_out], tokenizer.pad_token_id).to(
-                device
-            )
-            return float(response_nll(model, batch)[0])
+        """Mean NLL of the held-out traces, `trainer.micro_batch_size` sequences at a time."""
+        size = micro if micro > 0 else len(held_out)
+        n = sum(len(r) for _, r in held_out)
+        total = 0.0
+        with torch.no_grad(), autocast(device, amp_dtype):
+            for start in range(0, len(held_out), size):
+                part = held_out[start : start + size]
+                batch = pack([p for p, _ in part], [r for _, r in part], tokenizer.pad_token_id).to(device)
+                if size == len(held_out) and chunk <= 0:
+                    return float(response_nll(model, batch)[0])
+                total += float(response_nll(model, batch, chunk, n_tokens=n)[0])
+        return total
 
     stats["nll_before"] = nll()
     st = cfg.stabilization
@@ -160,6 +187,9 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
         progress=False,
         log_fn=lambda step, m: log.info("sft step %d loss %.4f", step, m["loss"]),
         enable_thinking=cfg.model.enable_thinking,
+        micro_batch_size=micro,
+        chunk_size=chunk,
+        amp_dtype=amp_dtype,
     )
     stats["nll_after"] = nll()
     stats["final_loss"] = final.get("loss")

@@ -161,15 +161,13 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     ranks = tc.nproc
     sharded = tc.parallel == "fsdp" and ranks > 1
     shard = ranks if sharded else 1
-    samples = math.ceil(tc.prompts_per_step * r.n / ranks)
-    seq = prompt_tokens + r.max_new_tokens
+    sft = cfg.stage == "sft"  # one process; batches of teacher traces (up to eval.max_new_tokens long)
+    response_len = cfg.eval.max_new_tokens if sft else r.max_new_tokens
+    samples = cfg.stabilization.batch_size if sft else math.ceil(tc.prompts_per_step * r.n / ranks)
+    seq = prompt_tokens + response_len
     tokens = samples * seq
-    batched = cfg.stage in (
-        "opd",
-        "rlvr",
-    )  # micro-batching and checkpointing: OPD and GRPO learners (not sft)
-    micro = min(tc.micro_batch_size or samples, samples) if batched else samples  # per forward/backward
-    mb_tokens, mb_response = micro * seq, micro * r.max_new_tokens
+    micro = min(tc.micro_batch_size or samples, samples)  # sequences per forward/backward (every learner)
+    mb_tokens, mb_response = micro * seq, micro * response_len
     cuda = tc.device == "cuda" or (tc.device == "auto" and detected_device_memory_gb() is not None)
     act_bytes = 2 if cuda else 4  # bf16 autocast on CUDA, fp32 on CPU
     # teacher.device: the teacher's weights and forward on a device of their own (its outputs still
@@ -187,7 +185,7 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     v = student.vocab
     chunked = cfg.loss.chunk_size > 0
     logit_rows = cfg.loss.chunk_size if chunked else mb_response
-    checkpointed = tc.activation_checkpointing and batched
+    checkpointed = tc.activation_checkpointing
     if checkpointed:  # each layer's fp32 input, plus one layer's activations recomputed in backward
         act_name = "activations (checkpointed)"
         act = mb_tokens * (
@@ -232,7 +230,7 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     ]
     memory = tc.device_memory_gb or detected_device_memory_gb()
     tp = r.tensor_parallel_size
-    if r.engine == "vllm":
+    if r.engine == "vllm" and not sft:  # SFT's trace engine is closed before training starts
         need = 2 * student.params / tp + samples * seq * student.kv_bytes_per_token / tp
         if memory:
             rows.append((f"vLLM reserve (gpu_memory_utilization={r.gpu_memory_utilization})", 0.0))

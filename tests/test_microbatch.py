@@ -175,7 +175,7 @@ def test_micro_batch_size_validation():
     assert compose(["trainer.micro_batch_size=3"]).trainer.micro_batch_size == 3
 
 
-def test_plan_shrinks_per_micro_batch():
+def test_plan_shrinks_per_micro_batch(tmp_path):
     from opd_cli.cli import compose
     from opd_cli.plan import GIB, memory_plan
 
@@ -197,10 +197,13 @@ def test_plan_shrinks_per_micro_batch():
     # the recipe's own settings fit an 80 GiB GPU
     recipe = memory_plan(compose(["experiment=qwen3_opd_8b_topk", "trainer.device_memory_gb=80"]))
     assert recipe["micro_batch"] == 2 and recipe["total_gb"] < 80
-    # stage=sft does not micro-batch: its plan keeps the whole batch (GRPO does: see the GRPO tests below)
-    sft = memory_plan(compose(["experiment=qwen3_rlvr_teacher", "stage=sft"]))
-    assert sft["micro_batch"] == sft["samples_per_rank"] == 256
-    assert "activations (no checkpointing)" in dict(sft["rows"])
+    # the SFT stage of the base-student recipe: 64 traces per step, 2 at a time, no teacher, no vLLM
+    sft = memory_plan(compose(["experiment=qwen3_opd_base_sft", "stage=sft", "trainer.device_memory_gb=80"]))
+    assert sft["samples_per_rank"] == 64 and sft["micro_batch"] == 2 and sft["total_gb"] < 40
+    assert not [n for n, _ in sft["rows"] if "teacher" in n or "vLLM" in n]
+    res = opd("plan", "experiment=qwen3_opd_base_sft", "trainer.device_memory_gb=80", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.count("memory plan per device") == 2, res.stderr
+    assert "stabilization=sft, before OPD" in res.stdout
 
 
 def opd(*args: str, cwd: Path, timeout: int = 600):
@@ -245,8 +248,8 @@ def test_two_ranks_with_uneven_micro_batch_counts_follow_one_rank(models, tmp_pa
 
 
 # ------------------------------------------------------------------------------------ GRPO (stage=rlvr)
-def test_chunked_sampled_token_logprobs_equal_the_full_log_softmax():
-    from opd_cli.stages.rlvr import sampled_token_logprobs
+def test_chunked_token_logprobs_equal_the_full_log_softmax():
+    from opd_cli.batching import token_logprobs
 
     gen = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=True)
@@ -257,7 +260,7 @@ def test_chunked_sampled_token_logprobs_equal_the_full_log_softmax():
     for chunk in (0, 4, 21, 100):  # 21 rows in all: uneven chunks, one chunk, more than the rows
         hidden.grad = None
         head.zero_grad()
-        logp = sampled_token_logprobs(hidden, head, tokens, chunk)
+        logp = token_logprobs(hidden, head, tokens, chunk)
         (logp * weights).sum().backward()
         results.append((logp.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()))
     for other in results[1:]:
@@ -327,3 +330,37 @@ def test_plan_of_the_grpo_teacher_recipe_has_no_teacher_and_fits():
     assert not [n for n in names if "teacher" in n] and plan["micro_batch"] == 2
     assert "activations (checkpointed)" in names and "student logits + grad (chunks of 2048)" in names
     check_fit(plan)  # 3.6 TB of activations before GRPO had micro-batching
+
+
+# ------------------------------------------------------------------------------------ SFT (stabilization)
+def _sft(models, micro: int, chunk: int) -> tuple[dict, dict]:
+    from opd_cli.learner import load_model, load_tokenizer
+    from opd_cli.stages.sft import sft_train
+    from opd_cli.tasks import make_task
+
+    task = make_task("arith")
+    examples = [(task.messages(r), r["solution"]) for r in task.generate(40, seed=1)]
+    model = load_model(models["student"], torch.device("cpu"))
+    metrics = sft_train(
+        model,
+        load_tokenizer(models["student"]),
+        examples,
+        steps=3,
+        batch_size=7,  # micro-batches of 3: 3, 3, 1
+        lr=1e-3,
+        seed=0,
+        progress=False,
+        micro_batch_size=micro,
+        chunk_size=chunk,
+    )
+    return metrics, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_micro_batched_chunked_sft_equals_the_whole_batch_sft(models):
+    whole_metrics, whole = _sft(models, 0, 0)
+    for micro, chunk in [(3, 0), (3, 5), (0, 11)]:
+        metrics, params = _sft(models, micro, chunk)
+        for key in ("batch_loss", "loss", "grad_norm", "tokens"):
+            assert math.isclose(metrics[key], whole_metrics[key], rel_tol=RTOL), (micro, chunk, key)
+        for name, value in whole.items():  # Adam: see the GRPO test above for the tolerance
+            torch.testing.assert_close(params[name], value, rtol=RTOL, atol=5e-6)

@@ -247,3 +247,32 @@ def test_sft_then_opd(models, tmp_path):
     stats = json.loads((run_dir / "sft_student" / "sft_stats.json").read_text())
     assert stats["kept"] == 64 and stats["nll_after"] < stats["nll_before"]
     assert (run_dir / "sft_student" / "DONE").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_sft_stage_writes_its_teacher_traces_with_vllm(tmp_path):
+    """stage=sft with rollout=vllm: the trace writer (the testbed's RLVR teacher, mostly right) runs in
+    vLLM, is closed, and the base student is fine-tuned micro-batched and chunked on the kept traces."""
+    run_dir = tmp_path / "run"
+    res = opd(
+        "run",
+        "stage=sft",
+        "model=student_base",
+        "rollout=vllm",
+        "logger=none",
+        "stabilization=sft",
+        "stabilization.source=teacher",
+        "stabilization.trace_model=testbed:teacher_rlvr",
+        "stabilization.num_traces=24",
+        "stabilization.steps=2",
+        "stabilization.batch_size=8",
+        "trainer.micro_batch_size=3",
+        "loss.chunk_size=64",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats = json.loads((run_dir / "model" / "sft_stats.json").read_text())
+    assert stats["traces"] == 24 and 4 <= stats["kept"] <= 24, stats  # T=1 samples: 8 kept when written
+    assert stats["nll_after"] < stats["nll_before"]

@@ -32,9 +32,8 @@ from collections.abc import Callable
 
 import torch
 
-from opd_cli.batching import pack, response_hidden_and_logits
+from opd_cli.batching import pack, response_hidden_and_logits, token_logprobs
 from opd_cli.learner import Learner
-from opd_cli.losses import lm_head_logits
 from opd_cli.rollout.base import RolloutEngine, SamplingConfig, derive_seed
 from opd_cli.stages.sft import _progress, prompt_ids
 from opd_cli.tasks.base import Row, Task
@@ -72,45 +71,6 @@ def clipped_pg_loss(
         clipped = ((ratio - 1.0).abs() > clip_eps).float()
         info = {"clip_frac": float((clipped * mask).sum() / n), "ratio_mean": float((ratio * mask).sum() / n)}
     return loss, info
-
-
-def sampled_token_logprobs(
-    hidden: torch.Tensor,
-    head: torch.nn.Module,
-    tokens: torch.Tensor,
-    chunk_size: int = 0,
-) -> torch.Tensor:
-    """log p(token) [B, T] from the final hidden states [B, T, H] and the LM head.
-
-    `chunk_size` > 0 computes the [rows, V] logits that many rows at a time and recomputes them in
-    backward (activation checkpointing per chunk), so the batch's [B*T, V] logits, log-softmax and their
-    gradient never exist: with V = 151,936 and 8k-token responses that is the difference between ~15 GiB
-    per sequence and ~3.5 GiB per chunk of 2048 rows. Equal to the unchunked path in value and gradient.
-    """
-    if chunk_size <= 0:
-        logits = head(hidden)
-        return torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)
-    from torch.utils.checkpoint import checkpoint
-
-    b, t, h = hidden.shape
-    flat_h, flat_t = hidden.reshape(b * t, h), tokens.reshape(b * t)
-    parts = [
-        checkpoint(
-            _chunk_logprobs,
-            flat_h[i : i + chunk_size],
-            head.weight,
-            head.bias,
-            flat_t[i : i + chunk_size],
-            use_reentrant=False,
-        )
-        for i in range(0, b * t, chunk_size)
-    ]
-    return torch.cat(parts).reshape(b, t)
-
-
-def _chunk_logprobs(hidden, weight, bias, tokens):
-    logits = lm_head_logits(hidden, weight, bias)
-    return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def grpo_train(
@@ -160,7 +120,7 @@ def grpo_train(
     Memory: `micro_batch_size` > 0 runs forward/backward that many sequences at a time and accumulates
     one optimizer step per minibatch (the same gradient: each micro-batch's loss is divided by the
     minibatch's token count); `chunk_size` > 0 never materializes the minibatch's [tokens, V] logits
-    (`sampled_token_logprobs`); `amp_dtype` is the forward's autocast dtype (bf16 on CUDA).
+    (`batching.token_logprobs`); `amp_dtype` is the forward's autocast dtype (bf16 on CUDA).
     """
     if not rows:
         raise ValueError("grpo_train: no rows")
@@ -245,7 +205,7 @@ def grpo_train(
                             old[r, : samples[j].num_tokens] = torch.tensor(samples[j].logprobs)
                         with learner.autocast():
                             hidden, _ = response_hidden_and_logits(model, batch, logits=False)
-                            logp = sampled_token_logprobs(
+                            logp = token_logprobs(
                                 hidden, model.get_output_embeddings(), batch.response_ids, chunk_size
                             )
                         loss, info = clipped_pg_loss(

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from opd_cli.batching import pack, response_hidden_and_logits
+from opd_cli.batching import pack, response_hidden_and_logits, token_logprobs
 from opd_cli.learner import Learner
 
 Example = tuple[list[dict], str]
@@ -62,13 +62,23 @@ def tokenize_examples(
     return out
 
 
-def response_nll(model, batch) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the response tokens of a packed batch, and the token count."""
-    _, logits = response_hidden_and_logits(model, batch)
+def response_nll(model, batch, chunk_size: int = 0, n_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the response tokens of a packed batch, and the token count.
+
+    `n_tokens`: the denominator when the batch is one micro-batch of a larger one (that one's response
+    tokens), so micro-batch losses add up to the batch's mean. `chunk_size` > 0 computes the log-probs
+    from hidden states a chunk of rows at a time (`batching.token_logprobs`): no [tokens, V] logits.
+    """
     mask = batch.response_mask
     n = int(mask.sum())
-    loss = F.cross_entropy(logits[mask].float(), batch.response_ids[mask], reduction="sum") / max(n, 1)
-    return loss, n
+    denominator = max(n if n_tokens is None else n_tokens, 1)
+    if chunk_size <= 0:
+        _, logits = response_hidden_and_logits(model, batch)
+        loss = F.cross_entropy(logits[mask].float(), batch.response_ids[mask], reduction="sum") / denominator
+        return loss, n
+    hidden, _ = response_hidden_and_logits(model, batch, logits=False)
+    logp = token_logprobs(hidden, model.get_output_embeddings(), batch.response_ids, chunk_size)
+    return -(logp * mask).sum() / denominator, n
 
 
 class _Batches:
@@ -107,11 +117,18 @@ def sft_train(
     callback: Callable[[int, dict], bool | None] | None = None,
     eval_every: int = 0,
     enable_thinking: bool = False,
+    micro_batch_size: int = 0,
+    chunk_size: int = 0,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict:
     """Train `model` in place on `examples`; returns the final metrics (loss is an EMA of the batch loss).
 
     `enable_thinking` is the student's chat-template setting (`model.enable_thinking`): SFT prompts must
-    be the prompts the student later sees in OPD and evaluation."""
+    be the prompts the student later sees in OPD and evaluation.
+
+    Memory: `micro_batch_size` > 0 runs forward/backward that many sequences at a time and accumulates one
+    optimizer step equal to the whole batch's; `chunk_size` > 0 never materializes the batch's [tokens, V]
+    logits; `amp_dtype` is the forward's autocast dtype (bf16 on CUDA)."""
     if not examples:
         raise ValueError("sft_train: no examples")
     if steps < 1:
@@ -128,6 +145,7 @@ def sft_train(
         grad_clip=grad_clip,
         warmup_ratio=warmup_ratio,
         schedule=schedule,
+        amp_dtype=amp_dtype,
     )
     pad = tokenizer.pad_token_id
     ema, tokens, t0 = None, 0, time.perf_counter()
@@ -136,11 +154,24 @@ def sft_train(
     try:
         for step in range(1, steps + 1):
             idx = batches.next()
-            batch = pack([data[i][0] for i in idx], [data[i][1] for i in idx], pad).to(device)
-            with learner.autocast():
-                loss, n = response_nll(model, batch)
-            info = learner.step(loss)
-            value = float(loss.detach())
+            if micro_batch_size <= 0 and chunk_size <= 0:  # the whole batch at once
+                batch = pack([data[i][0] for i in idx], [data[i][1] for i in idx], pad).to(device)
+                with learner.autocast():
+                    loss, n = response_nll(model, batch)
+                info = learner.step(loss)
+                value = float(loss.detach())
+            else:
+                n = sum(len(data[i][1]) for i in idx)
+                value = 0.0
+                size = micro_batch_size if micro_batch_size > 0 else len(idx)
+                for start in range(0, len(idx), size):
+                    part = idx[start : start + size]
+                    batch = pack([data[i][0] for i in part], [data[i][1] for i in part], pad).to(device)
+                    with learner.autocast():
+                        loss, _ = response_nll(model, batch, chunk_size, n_tokens=n)
+                    learner.backward(loss)
+                    value += float(loss.detach())
+                info = learner.step()
             ema = value if ema is None else 0.95 * ema + 0.05 * value
             tokens += n
             metrics = {
