@@ -136,6 +136,32 @@ def test_hf_stop_trims_at_eos(tiny_model_dir, hf_model, hf_engine):
     assert any(s.finish_reason == "length" for g in groups for s in g)
 
 
+def test_hf_stops_at_every_eos_the_model_declares(tiny_model_dir, hf_model, hf_engine, tmp_path):
+    """generation_config.json may list several EOS ids (Qwen3: <|im_end|> and <|endoftext|>): a response
+    ending with the second one stops there too, as "stop"; an explicit eos_token_id is the only stop."""
+    import json
+    import shutil
+
+    from opd_cli.rollout.base import extra_stop_ids
+
+    sampling = SamplingConfig(max_new_tokens=12, n=2)
+    base = hf_engine.generate(PROMPTS, sampling, seed=3)
+    second = base[1][0].response_ids[4]
+    model_dir = tmp_path / "two_eos"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [EOS, second]}))
+    assert extra_stop_ids(model_dir, EOS) == [second] and extra_stop_ids(tiny_model_dir, EOS) == []
+    assert extra_stop_ids(tmp_path / "nowhere", EOS) == []
+    engine = HFEngine(str(model_dir), model=hf_model)
+    assert engine.eos_token_id == EOS and engine.stop_token_ids == [EOS, second]
+    groups = engine.generate(PROMPTS, sampling, seed=3)
+    first = groups[1][0]
+    assert first.finish_reason == "stop" and first.response_ids[-1] == second
+    assert first.response_ids == base[1][0].response_ids[: base[1][0].response_ids.index(second) + 1]
+    assert HFEngine(str(model_dir), model=hf_model, eos_token_id=EOS).stop_token_ids == [EOS]
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (1.5, 0.8)])
 def test_hf_logprobs_equal_teacher_forced(hf_model, hf_engine, temperature, top_p):
     """Raw log-probs (temperature 1, no top-p) whatever the sampling transform."""

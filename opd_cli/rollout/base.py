@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -84,6 +86,26 @@ def derive_seed(seed: int, *parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
 
 
+def extra_stop_ids(model_path, eos_token_id: int | None) -> list[int]:
+    """End-of-sequence ids a model declares besides the tokenizer's (``generation_config.json``).
+
+    Qwen3 instruct models end a turn with ``<|im_end|>`` (the tokenizer's EOS) but list ``<|endoftext|>``
+    too; both engines stop at any of them, so a response that ends with the other one is "stop", not a
+    run to ``max_new_tokens``.
+    """
+    if model_path is None:
+        return []
+    path = Path(str(model_path)) / "generation_config.json"
+    if not path.is_file():
+        return []
+    try:
+        declared = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        return []
+    declared = declared if isinstance(declared, list) else [declared]
+    return [int(x) for x in declared if x is not None and int(x) != eos_token_id]
+
+
 @contextlib.contextmanager
 def torch_threads(num_threads: int | None):
     """Run a block with ``torch.set_num_threads(num_threads)`` (None: leave as is), then restore.
@@ -106,6 +128,13 @@ class RolloutEngine(ABC):
     """Samples student responses. See the module docstring for the contract."""
 
     kind: str = "?"
+    eos_token_id: int
+    extra_stop_token_ids: tuple[int, ...] = ()  # other end-of-sequence ids of the model (extra_stop_ids)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Every id that ends a response: the EOS id first, then the model's other declared ones."""
+        return [self.eos_token_id, *(t for t in self.extra_stop_token_ids if t != self.eos_token_id)]
 
     @abstractmethod
     def generate(

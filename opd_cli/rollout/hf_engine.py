@@ -25,7 +25,14 @@ from pathlib import Path
 
 import torch
 
-from opd_cli.rollout.base import RolloutEngine, Sample, SamplingConfig, derive_seed, torch_threads
+from opd_cli.rollout.base import (
+    RolloutEngine,
+    Sample,
+    SamplingConfig,
+    derive_seed,
+    extra_stop_ids,
+    torch_threads,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -130,6 +137,8 @@ class HFEngine(RolloutEngine):
             raise ValueError("HFEngine: no EOS token id (no tokenizer in model_path, none in the config)")
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_id
+        if eos_token_id is None:  # an explicit EOS id is the only stop id
+            self.extra_stop_token_ids = tuple(extra_stop_ids(model_path, self.eos_token_id))
         self.start_seconds = time.perf_counter() - t0
 
     @staticmethod
@@ -212,7 +221,7 @@ class HFEngine(RolloutEngine):
             num_beams=1,
             max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=0,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
@@ -236,10 +245,12 @@ class HFEngine(RolloutEngine):
             .cpu()
         )
         samples = []
+        stops = set(self.stop_token_ids)
         for r, prompt in enumerate(prompts):
             ids = new_tokens[r, :steps].tolist()
-            if self.eos_token_id in ids:
-                length, finish = ids.index(self.eos_token_id) + 1, "stop"
+            end = next((k for k, t in enumerate(ids) if t in stops), None)
+            if end is not None:
+                length, finish = end + 1, "stop"
             else:
                 length, finish = len(ids), "length"
             samples.append(

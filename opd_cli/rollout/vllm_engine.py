@@ -78,7 +78,14 @@ from pathlib import Path
 
 import torch
 
-from opd_cli.rollout.base import RolloutEngine, Sample, SamplingConfig, derive_seed, torch_threads
+from opd_cli.rollout.base import (
+    RolloutEngine,
+    Sample,
+    SamplingConfig,
+    derive_seed,
+    extra_stop_ids,
+    torch_threads,
+)
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VLLM_MISSING = "vLLM is not installed: `make install` (CPU) or pip install 'opd[gpu]'; or use rollout=hf"
@@ -225,6 +232,8 @@ class VLLMEngine(RolloutEngine):
         self.num_threads = num_threads
         tok = self.llm.get_tokenizer()
         self.eos_token_id = int(eos_token_id if eos_token_id is not None else tok.eos_token_id)
+        if eos_token_id is None:  # an explicit EOS id is the only stop id
+            self.extra_stop_token_ids = tuple(extra_stop_ids(model_path, self.eos_token_id))
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.inplace_sync = inplace_sync
@@ -246,7 +255,7 @@ class VLLMEngine(RolloutEngine):
             frequency_penalty=0.0,
             seed=None if greedy else seed,
             max_tokens=sampling.max_new_tokens,
-            stop_token_ids=[self.eos_token_id],
+            stop_token_ids=self.stop_token_ids,
             ignore_eos=False,
             logprobs=0,
             detokenize=False,
