@@ -71,6 +71,9 @@ def sft_stabilization(cfg: DictConfig, run_dir: Path, out_name: str = "sft_stude
         return str(out)
     run_sft_stage(cfg, out)
     atomic_write_text(out / DONE_MARKER, "ok\n")
+    import shutil
+
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the finished model is out/ itself
     return str(out)
 
 
@@ -133,11 +136,35 @@ def _sft_examples(cfg: DictConfig, task, rows: list[dict], device) -> tuple[list
     return examples, {"traces": len(rows), "kept": len(examples)}
 
 
+def _sft_traces(cfg: DictConfig, out: Path, task, rows: list[dict], device) -> tuple[list, dict]:
+    """The SFT examples, written once to `out/traces.json` (hours of generation at scale) and read back
+    when a killed run resumes."""
+    saved = out / "traces.json"
+    if cfg.resume and saved.is_file():
+        data = json.loads(saved.read_text())
+        log.info("stabilization: reusing %d traces from %s", len(data["examples"]), saved)
+        return [(m, r) for m, r in data["examples"]], data["stats"]
+    examples, stats = _sft_examples(cfg, task, rows, device)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(saved, {"examples": [[m, r] for m, r in examples], "stats": stats})
+    return examples, stats
+
+
 def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
-    """SFT the configured student (`model.path`) and save it, with its tokenizer, to `out`."""
+    """SFT the configured student (`model.path`) and save it, with its tokenizer, to `out`.
+
+    Checkpoints go to `out/checkpoints` every `trainer.save_every` steps; with `resume=` a killed stage
+    continues from the last one, on the traces it wrote before (`out/traces.json`)."""
     import torch
 
     from opd_cli.batching import pack
+    from opd_cli.checkpoint import (
+        discard_partial_writes,
+        latest_checkpoint,
+        load_trainer_state,
+        save_checkpoint,
+        set_rng_state,
+    )
     from opd_cli.learner import autocast, autocast_dtype, load_model, load_tokenizer, pick_device
     from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
     from opd_cli.stages.sft import response_nll, sft_train, tokenize_examples
@@ -147,8 +174,17 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
     task, train_rows, _ = load_task_and_data(cfg.task)
     path = resolve_path(cfg.model.path, cfg)
     tokenizer = load_tokenizer(path)
-    examples, stats = _sft_examples(cfg, task, train_rows, device)  # before the student takes the device
-    model = load_model(path, device, trainable=True)
+    examples, stats = _sft_traces(cfg, out, task, train_rows, device)  # before the student takes the device
+    ckpt_root = out / "checkpoints"
+    ckpt = latest_checkpoint(ckpt_root) if cfg.resume else None
+    state = load_trainer_state(ckpt) if ckpt is not None else None
+    if cfg.resume:
+        discard_partial_writes(ckpt_root)
+    if state is not None:
+        set_rng_state(state["rng"])
+        stats["nll_before"] = state["nll_before"]
+        log.info("stabilization: resumed from %s at step %d", ckpt, state["step"])
+    model = load_model(ckpt or path, device, trainable=True)
     if cfg.trainer.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     amp_dtype = autocast_dtype(device, cfg.model.dtype)
@@ -171,8 +207,14 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
                 total += float(response_nll(model, batch, chunk, n_tokens=n)[0])
         return total
 
-    stats["nll_before"] = nll()
+    if state is None:
+        stats["nll_before"] = nll()
     st = cfg.stabilization
+
+    def save(step: int, loop_state: dict) -> None:
+        extra = {"stage": "sft", "nll_before": stats["nll_before"]}
+        save_checkpoint(ckpt_root, step, model, tokenizer, {**loop_state, **extra})
+
     final = sft_train(
         model,
         tokenizer,
@@ -190,6 +232,9 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
         micro_batch_size=micro,
         chunk_size=chunk,
         amp_dtype=amp_dtype,
+        save_every=cfg.trainer.save_every,
+        on_checkpoint=save,
+        start_state=state,
     )
     stats["nll_after"] = nll()
     stats["final_loss"] = final.get("loss")

@@ -502,3 +502,53 @@ def test_rlvr_stage_resumes_from_its_last_checkpoint_to_the_same_teacher(tmp_pat
     res = opd_inprocess(f"resume={killed}")
     assert res.exit_code == 0, res.output
     assert metrics(killed) == before
+
+
+# ------------------------------------------------------------------------------- stage=sft resume
+@pytest.mark.slow
+def test_sft_stage_resumes_from_its_last_checkpoint_on_the_saved_traces(models, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import opd_cli.pipeline as pipeline
+    import opd_cli.stages.sft as sft
+
+    def args(run_dir: Path) -> list[str]:
+        return [
+            *base_args(models, "stage=sft", "stabilization=sft", "stabilization.source=reference"),
+            "stabilization.num_traces=32",
+            "stabilization.steps=5",
+            "stabilization.batch_size=4",
+            "trainer.save_every=1",
+            f"hydra.run.dir={run_dir}",
+        ]
+
+    full = tmp_path / "full"
+    res = opd_inprocess(*args(full))
+    assert res.exit_code == 0, res.output
+
+    real_next, calls = sft._Batches.next, []
+
+    def dies_at_step_4(self):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the process goes down in the middle of SFT step 4
+        return real_next(self)
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(sft._Batches, "next", dies_at_step_4)
+    assert opd_inprocess(*args(killed)).exit_code != 0
+    assert latest_checkpoint(killed / "model" / "checkpoints").name == "step_000003"
+    assert (killed / "model" / "traces.json").is_file()
+    monkeypatch.setattr(sft._Batches, "next", real_next)
+
+    def no_new_traces(*a, **kw):
+        raise AssertionError("a resumed SFT stage wrote its traces again")
+
+    monkeypatch.setattr(pipeline, "_sft_examples", no_new_traces)
+    res = opd_inprocess(f"resume={killed}")
+    assert res.exit_code == 0, res.output
+    stats = [json.loads((d / "model" / "sft_stats.json").read_text()) for d in (full, killed)]
+    assert stats[0] == stats[1]
+    a, b = (load_file(str(d / "model" / "model.safetensors")) for d in (full, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (killed / "model" / "DONE").exists() and not (killed / "model" / "checkpoints").exists()

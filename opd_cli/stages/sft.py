@@ -95,6 +95,13 @@ class _Batches:
         idx, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
         return idx
 
+    def state(self) -> dict:
+        return {"gen": self.gen.get_state(), "order": list(self.order)}
+
+    def load(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.order = list(state["order"])
+
 
 def sft_train(
     model: torch.nn.Module,
@@ -120,6 +127,9 @@ def sft_train(
     micro_batch_size: int = 0,
     chunk_size: int = 0,
     amp_dtype: torch.dtype | None = None,
+    save_every: int = 0,
+    on_checkpoint: Callable[[int, dict], None] | None = None,
+    start_state: dict | None = None,
 ) -> dict:
     """Train `model` in place on `examples`; returns the final metrics (loss is an EMA of the batch loss).
 
@@ -128,7 +138,11 @@ def sft_train(
 
     Memory: `micro_batch_size` > 0 runs forward/backward that many sequences at a time and accumulates one
     optimizer step equal to the whole batch's; `chunk_size` > 0 never materializes the batch's [tokens, V]
-    logits; `amp_dtype` is the forward's autocast dtype (bf16 on CUDA)."""
+    logits; `amp_dtype` is the forward's autocast dtype (bf16 on CUDA).
+
+    Checkpoints: every `save_every` steps before the last, `on_checkpoint(step, state)` receives the loop's
+    state (optimizer and schedule, batch sampler, running loss); `start_state` (the weights already in
+    `model`) continues after its step exactly as the uninterrupted run would."""
     if not examples:
         raise ValueError("sft_train: no examples")
     if steps < 1:
@@ -150,9 +164,17 @@ def sft_train(
     pad = tokenizer.pad_token_id
     ema, tokens, t0 = None, 0, time.perf_counter()
     metrics: dict = {}
+    first = 1
+    if start_state is not None:
+        learner.load_state_dict(start_state["learner"])
+        batches.load(start_state["batches"])
+        ema, tokens, metrics = start_state["ema"], start_state["tokens"], dict(start_state["metrics"])
+        first = start_state["step"] + 1
     bar = _progress(progress, description, steps)
+    if bar is not None and first > 1:
+        bar[0].update(bar[1], completed=first - 1)
     try:
-        for step in range(1, steps + 1):
+        for step in range(first, steps + 1):
             idx = batches.next()
             if micro_batch_size <= 0 and chunk_size <= 0:  # the whole batch at once
                 batch = pack([data[i][0] for i in idx], [data[i][1] for i in idx], pad).to(device)
@@ -189,6 +211,9 @@ def sft_train(
             if callback is not None and eval_every and (step % eval_every == 0 or step == steps):
                 if callback(step, metrics):
                     break
+            if on_checkpoint is not None and save_every and step % save_every == 0 and step < steps:
+                state = {"learner": learner.state_dict(), "batches": batches.state(), "ema": ema}
+                on_checkpoint(step, {**state, "step": step, "tokens": tokens, "metrics": dict(metrics)})
     finally:
         if bar is not None:
             bar[0].stop()
