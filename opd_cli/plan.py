@@ -283,6 +283,15 @@ def format_plan(plan: dict) -> str:
         if mem
         else "  device memory: unknown (no CUDA device); set trainer.device_memory_gb to check the fit"
     )
+    rows = dict(plan["rows"])
+    reserve = next((gb for name, gb in plan["rows"] if name.startswith("vLLM reserve")), None)
+    need = rows.get("  of which vLLM weights bf16 + KV cache needed")
+    if reserve is not None and need is not None and need > reserve:
+        lines.append(
+            f"  note: vLLM's weights and the KV cache of all {plan['samples_per_rank']} sequences need "
+            f"{need:.1f} GiB but it reserves {reserve:.1f} GiB: it will decode fewer sequences at a time "
+            f"(slower rollouts, no error); raise rollout.gpu_memory_utilization if the device has room"
+        )
     side = plan.get("teacher_device")
     if side:
         lines.append(f"teacher device (teacher.device={side['device']}):")

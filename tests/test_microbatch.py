@@ -323,13 +323,19 @@ def test_micro_batched_chunked_grpo_equals_the_whole_batch_grpo():
 
 def test_plan_of_the_grpo_teacher_recipe_has_no_teacher_and_fits():
     from opd_cli.cli import compose
-    from opd_cli.plan import check_fit, memory_plan
+    from opd_cli.plan import check_fit, format_plan, memory_plan
 
     plan = memory_plan(compose(["experiment=qwen3_rlvr_teacher", "trainer.device_memory_gb=80"]))
     names = [name for name, _ in plan["rows"]]
     assert not [n for n in names if "teacher" in n] and plan["micro_batch"] == 2
     assert "activations (checkpointed)" in names and "student logits + grad (chunks of 2048)" in names
     check_fit(plan)  # 3.6 TB of activations before GRPO had micro-batching
+    # 256 x 8k-token sequences do not fit vLLM's 24 GiB at once: said, not an error
+    assert "it will decode fewer sequences at a time" in format_plan(plan)
+    small = memory_plan(
+        compose(["experiment=qwen3_rlvr_teacher", "trainer.device_memory_gb=80", "rollout.max_new_tokens=64"])
+    )
+    assert "fewer sequences" not in format_plan(small)
 
 
 # ------------------------------------------------------------------------------------ SFT (stabilization)
