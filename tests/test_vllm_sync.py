@@ -76,3 +76,11 @@ def test_inplace_sync_on_qwen3_equals_reload_weights_and_hf(qwen3_dir):
                 torch.testing.assert_close(torch.tensor(s.logprobs), expected, atol=LOGPROB_ATOL_VLLM, rtol=0)
     finally:
         engine.close()
+
+
+def test_shard_order_follows_the_loaders_and_refuses_unknown_ids():
+    from opd_cli.rollout.vllm_cpu_sync import NotApplicable, _shard_order
+
+    assert [_shard_order(s) for s in ("q", "k", "v", 0, 1)] == [0, 1, 2, 0, 1]
+    with pytest.raises(NotApplicable, match="unknown shard id 'kv_a'"):
+        _shard_order("kv_a")  # a layout this plan does not know: reload_weights serves the model

@@ -71,7 +71,11 @@ def _drops(module: torch.nn.Module) -> bool:
 
 
 def _shard_order(shard) -> int:
-    return {"q": 0, "k": 1, "v": 2}.get(shard, shard) if isinstance(shard, str) else int(shard)
+    if isinstance(shard, str):
+        if shard not in ("q", "k", "v"):
+            raise NotApplicable(f"unknown shard id {shard!r}")
+        return "qkv".index(shard)
+    return int(shard)
 
 
 def _vllm_names(model: torch.nn.Module, names) -> dict[str, list[str]]:
