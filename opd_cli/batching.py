@@ -98,6 +98,12 @@ class ResponseForward(torch.nn.Module):
         return response_hidden_and_logits(self.lm, batch, logits=logits)
 
 
+def micro_batches(items: list, size: int) -> list[list]:
+    """Consecutive micro-batches of `size` items (0: all at once), for gradient accumulation."""
+    size = size if size > 0 else len(items)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     head: torch.nn.Module,

@@ -100,3 +100,20 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def resume_point(ckpt_root: Path, stage: str, *, required: bool = True) -> tuple[Path | None, dict | None]:
+    """(latest complete checkpoint, its trainer state) to continue a killed `stage` from, after removing
+    a killed writer's debris; (None, None) when there is none and `required` is False."""
+    ckpt = latest_checkpoint(ckpt_root)
+    discard_partial_writes(ckpt_root)
+    if ckpt is None:
+        if required:
+            raise OpdError(f"resume: no complete checkpoint in {ckpt_root}; start a new run")
+        return None, None
+    state = load_trainer_state(ckpt)
+    if state.get("stage", stage) != stage:
+        raise OpdError(
+            f"resume: {ckpt} is a stage={state['stage']} checkpoint, not {stage}; resume with the run's config"
+        )
+    return ckpt, state

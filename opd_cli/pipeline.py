@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -71,8 +72,6 @@ def sft_stabilization(cfg: DictConfig, run_dir: Path, out_name: str = "sft_stude
         return str(out)
     run_sft_stage(cfg, out)
     atomic_write_text(out / DONE_MARKER, "ok\n")
-    import shutil
-
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the finished model is out/ itself
     return str(out)
 
@@ -157,14 +156,8 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
     continues from the last one, on the traces it wrote before (`out/traces.json`)."""
     import torch
 
-    from opd_cli.batching import pack
-    from opd_cli.checkpoint import (
-        discard_partial_writes,
-        latest_checkpoint,
-        load_trainer_state,
-        save_checkpoint,
-        set_rng_state,
-    )
+    from opd_cli.batching import micro_batches, pack
+    from opd_cli.checkpoint import resume_point, save_checkpoint, set_rng_state
     from opd_cli.learner import autocast, autocast_dtype, load_model, load_tokenizer, pick_device
     from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
     from opd_cli.stages.sft import response_nll, sft_train, tokenize_examples
@@ -176,10 +169,8 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
     tokenizer = load_tokenizer(path)
     examples, stats = _sft_traces(cfg, out, task, train_rows, device)  # before the student takes the device
     ckpt_root = out / "checkpoints"
-    ckpt = latest_checkpoint(ckpt_root) if cfg.resume else None
-    state = load_trainer_state(ckpt) if ckpt is not None else None
-    if cfg.resume:
-        discard_partial_writes(ckpt_root)
+    # killed before its first checkpoint: the stage starts over (on the saved traces)
+    ckpt, state = resume_point(ckpt_root, "sft", required=False) if cfg.resume else (None, None)
     if state is not None:
         set_rng_state(state["rng"])
         stats["nll_before"] = state["nll_before"]
@@ -195,15 +186,11 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
 
     def nll() -> float:
         """Mean NLL of the held-out traces, `trainer.micro_batch_size` sequences at a time."""
-        size = micro if micro > 0 else len(held_out)
         n = sum(len(r) for _, r in held_out)
         total = 0.0
         with torch.no_grad(), autocast(device, amp_dtype):
-            for start in range(0, len(held_out), size):
-                part = held_out[start : start + size]
+            for part in micro_batches(held_out, micro):
                 batch = pack([p for p, _ in part], [r for _, r in part], tokenizer.pad_token_id).to(device)
-                if size == len(held_out) and chunk <= 0:
-                    return float(response_nll(model, batch)[0])
                 total += float(response_nll(model, batch, chunk, n_tokens=n)[0])
         return total
 
@@ -254,7 +241,7 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
 
 def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     """GRPO on the task's verifier reward; the result in `run_dir/model` is a `teacher.path` for OPD."""
-    from opd_cli.checkpoint import save_checkpoint, set_rng_state
+    from opd_cli.checkpoint import resume_point, save_checkpoint, set_rng_state
     from opd_cli.learner import autocast_dtype, load_model, load_tokenizer, pick_device
     from opd_cli.rollout.base import make_engine
     from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
@@ -274,12 +261,13 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     path = resolve_path(cfg.model.path, cfg)
     tokenizer = load_tokenizer(path)
     ckpt_root = run_dir / "checkpoints"
-    ckpt, state = _rlvr_resume_point(cfg, run_dir, ckpt_root)
+    ckpt, state = resume_point(ckpt_root, "rlvr") if cfg.resume else (None, None)
     model = load_model(ckpt or path, device, trainable=True)  # a checkpoint holds the weights so far
     if cfg.trainer.activation_checkpointing:  # recompute each layer in backward (generation is unaffected)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if state is not None:
         set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", ckpt, state["step"])
     engine = make_engine(cfg.rollout.engine, path, device=device.type, model=model)
     tracker = Tracker(
         run_dir,
@@ -366,25 +354,6 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         engine.close()
         tracker.finish()
-
-
-def _rlvr_resume_point(cfg: DictConfig, run_dir: Path, ckpt_root: Path):
-    """(checkpoint dir, trainer state) to continue a killed stage=rlvr run from, or (None, None)."""
-    from opd_cli.checkpoint import discard_partial_writes, latest_checkpoint, load_trainer_state
-
-    if not cfg.resume:
-        return None, None
-    ckpt = latest_checkpoint(ckpt_root)
-    discard_partial_writes(ckpt_root)
-    if ckpt is None:
-        raise OpdError(f"resume={run_dir}: no complete checkpoint in {ckpt_root}; start a new run")
-    state = load_trainer_state(ckpt)
-    if state.get("stage") != "rlvr":
-        raise OpdError(
-            f"resume={run_dir}: {ckpt} is not a stage=rlvr checkpoint; resume with the run's config"
-        )
-    log.info("resumed from %s at step %d", ckpt, state["step"])
-    return ckpt, state
 
 
 def run_data_parallel(cfg: DictConfig, run_dir: Path) -> dict:

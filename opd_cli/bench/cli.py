@@ -47,7 +47,6 @@ def bench_loss(
       opd bench loss --out experiments/loss_bench_table.md
     """
     from opd_cli.bench.loss_bench import format_table, run_loss_bench
-    from opd_cli.io import atomic_write_text
 
     if quick:
         vocab, hidden, tokens = 1000, 64, 256
@@ -55,9 +54,7 @@ def bench_loss(
     if chunk_size:
         kwargs["chunk_size"] = chunk_size
     table = format_table(run_loss_bench(**kwargs))
-    click.echo(table)
-    if out:
-        atomic_write_text(out, table + "\n")
+    _emit(table, out)
 
 
 @bench_group.command("step")
@@ -92,7 +89,6 @@ def bench_step(
     from opd_cli.bench.step_bench import ENGINES, QUICK, format_table, run_step_bench
     from opd_cli.cli import fail
     from opd_cli.errors import OpdError
-    from opd_cli.io import atomic_write_text
 
     chosen = tuple(e.strip() for e in engines.split(",") if e.strip())
     if not chosen or set(chosen) - set(ENGINES):
@@ -107,9 +103,7 @@ def bench_step(
     except OpdError as exc:
         fail(str(exc))
     table = format_table(result)
-    click.echo(table)
-    if out:
-        atomic_write_text(out, table + "\n")
+    _emit(table, out)
 
 
 @bench_group.command("matrix")
@@ -137,7 +131,6 @@ def bench_matrix(
     from opd_cli.bench.matrix_bench import format_report, job_times, run_sweep
     from opd_cli.cli import fail
     from opd_cli.errors import OpdError
-    from opd_cli.io import atomic_write_text
 
     measured = None
     if from_dir is None:
@@ -149,6 +142,13 @@ def bench_matrix(
         fail(str(exc))
     n_seeds = len({t.seed for t in times}) or 1
     table = format_report(times, measured, n_seeds, str(from_dir))
+    _emit(table, out)
+
+
+def _emit(table: str, out: str | Path | None) -> None:
+    """Print a benchmark's Markdown table, and write it (atomically) to `out` when given."""
+    from opd_cli.io import atomic_write_text
+
     click.echo(table)
     if out:
         atomic_write_text(out, table + "\n")

@@ -31,13 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_cli import distributed, losses
 from opd_cli.batching import ResponseForward, pack
-from opd_cli.checkpoint import (
-    discard_partial_writes,
-    latest_checkpoint,
-    load_trainer_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from opd_cli.checkpoint import resume_point, save_checkpoint, set_rng_state
 from opd_cli.diagnostics import CollapseDetector, loss_signals, rollout_signals
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_json
@@ -245,12 +239,7 @@ class OPDRun:
         return chat_prompt_ids(self.tokenizer, builder.messages(row), self.cfg.model.enable_thinking)
 
     def restore(self) -> int:
-        ckpt = latest_checkpoint(self.ckpt_root)
-        discard_partial_writes(self.ckpt_root)
-        if ckpt is None:
-            raise OpdError(
-                f"resume={self.run_dir}: no complete checkpoint in {self.ckpt_root}; start a new run"
-            )
+        ckpt, state = resume_point(self.ckpt_root, "opd")
         from safetensors.torch import load_file
 
         weights = {}
@@ -262,7 +251,6 @@ class OPDRun:
                 f"checkpoint {ckpt} does not match the model (missing {missing[:3]}, unexpected "
                 f"{unexpected[:3]}); resume with the run's own config"
             )
-        state = load_trainer_state(ckpt)
         self.learner.load_state_dict(state["learner"])
         self.detector.load_state_dict(state["detector"])
         self.base_eval = state.get("base_eval")

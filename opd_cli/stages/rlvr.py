@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from opd_cli.batching import pack, response_hidden_and_logits, token_logprobs
+from opd_cli.batching import micro_batches, pack, response_hidden_and_logits, token_logprobs
 from opd_cli.learner import Learner
 from opd_cli.rollout.base import RolloutEngine, SamplingConfig, derive_seed
 from opd_cli.stages.sft import _progress, prompt_ids
@@ -153,11 +153,8 @@ def grpo_train(
     if start_state is not None:
         learner.load_state_dict(start_state["learner"])
         gen.set_state(start_state["prompt_sampler"])
-        skipped, metrics, first = (
-            start_state["skipped"],
-            dict(start_state["metrics"]),
-            start_state["step"] + 1,
-        )
+        skipped, metrics = start_state["skipped"], dict(start_state["metrics"])
+        first = start_state["step"] + 1
     t0 = time.perf_counter()
     bar = _progress(progress, description, steps)
     if bar is not None and first > 1:
@@ -194,7 +191,7 @@ def grpo_train(
                 for chunk in _split(keep, updates_per_step):
                     n_tokens = sum(samples[j].num_tokens for j in chunk)
                     sums = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
-                    for micro in _micro(chunk, micro_batch_size):
+                    for micro in micro_batches(chunk, micro_batch_size):
                         batch = pack(
                             [samples[j].prompt_ids for j in micro],
                             [samples[j].response_ids for j in micro],
@@ -250,12 +247,6 @@ def rlvr_state(step: int, learner: Learner, gen: torch.Generator, skipped: int, 
         "skipped": skipped,
         "metrics": dict(metrics),
     }
-
-
-def _micro(items: list[int], size: int) -> list[list[int]]:
-    """Consecutive micro-batches of `size` items (0: all at once)."""
-    size = size if size > 0 else len(items)
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _split(items: list[int], parts: int) -> list[list[int]]:

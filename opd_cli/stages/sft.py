@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from opd_cli.batching import pack, response_hidden_and_logits, token_logprobs
+from opd_cli.batching import micro_batches, pack, response_hidden_and_logits, token_logprobs
 from opd_cli.learner import Learner
 
 Example = tuple[list[dict], str]
@@ -176,24 +176,15 @@ def sft_train(
     try:
         for step in range(first, steps + 1):
             idx = batches.next()
-            if micro_batch_size <= 0 and chunk_size <= 0:  # the whole batch at once
-                batch = pack([data[i][0] for i in idx], [data[i][1] for i in idx], pad).to(device)
+            n = sum(len(data[i][1]) for i in idx)  # the batch's response tokens: every part's denominator
+            value = 0.0
+            for part in micro_batches(idx, micro_batch_size):
+                batch = pack([data[i][0] for i in part], [data[i][1] for i in part], pad).to(device)
                 with learner.autocast():
-                    loss, n = response_nll(model, batch)
-                info = learner.step(loss)
-                value = float(loss.detach())
-            else:
-                n = sum(len(data[i][1]) for i in idx)
-                value = 0.0
-                size = micro_batch_size if micro_batch_size > 0 else len(idx)
-                for start in range(0, len(idx), size):
-                    part = idx[start : start + size]
-                    batch = pack([data[i][0] for i in part], [data[i][1] for i in part], pad).to(device)
-                    with learner.autocast():
-                        loss, _ = response_nll(model, batch, chunk_size, n_tokens=n)
-                    learner.backward(loss)
-                    value += float(loss.detach())
-                info = learner.step()
+                    loss, _ = response_nll(model, batch, chunk_size, n_tokens=n)
+                learner.backward(loss)
+                value += float(loss.detach())
+            info = learner.step()
             ema = value if ema is None else 0.95 * ema + 0.05 * value
             tokens += n
             metrics = {
