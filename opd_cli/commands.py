@@ -161,6 +161,7 @@ def print_plans(overrides: list[str], multirun: bool, prompt_tokens: int = 512) 
 
 def all_commands() -> list[click.Command]:
     from opd_cli.bench.cli import bench_group
+    from opd_cli.teacher_server.serve import teacher_group
     from opd_cli.testbed.cli import testbed_group
 
-    return [bench_group, eval_cmd, plan_cmd, probe_cmd, report_cmd, testbed_group]
+    return [bench_group, eval_cmd, plan_cmd, probe_cmd, report_cmd, teacher_group, testbed_group]

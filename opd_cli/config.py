@@ -61,6 +61,17 @@ class TeacherConfig:
     # where the frozen teacher runs: same (the learner's device) | cpu | cuda | cuda:N (its own GPU); its
     # outputs move to the learner's device for the loss
     device: str = "same"
+    # Who scores: hf (a local forward, full logits) | vllm (top-K + sampled-token log-probs from vLLM's
+    # prompt_logprobs, in this process or from teacher.server; opd_cli/teacher_server/)
+    backend: str = "hf"
+    server: Any = None  # backend=vllm: null = in process; a URL from `opd teacher serve`, or a list of URLs
+    timeout_s: float = 120.0  # per request to a teacher server
+    retries: int = 4  # attempts after the first, with backoff doubling from retry_backoff_s
+    retry_backoff_s: float = 2.0
+    max_request_tokens: int = 8192  # prompt + response tokens per request (bounds prompt_logprobs memory)
+    max_model_len: int | None = None  # the vLLM teacher's context; None = the model's
+    gpu_memory_utilization: float = 0.2  # the vLLM teacher's reserve (in process and `opd teacher serve`)
+    tensor_parallel_size: int = 1  # `opd teacher serve`: GPUs the served teacher is sharded over
 
 
 @dataclass
@@ -276,6 +287,9 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError(
             "teacher.kind=self_pi needs teacher.pi_field (answer | solution | system_prompt | a field)"
         )
+    from opd_cli.teacher_server.checks import validate_teacher_backend
+
+    validate_teacher_backend(c)
     _one_of("stabilization.kind", c.stabilization.kind, ("none", "sft"))
     _one_of("stabilization.source", c.stabilization.source, ("teacher", "reference"))
     _one_of("rollout.engine", c.rollout.engine, ("vllm", "hf"))

@@ -24,7 +24,10 @@ Per device (one data-parallel rank), in GiB, as the code allocates it:
   rollout.gpu_memory_utilization of it instead, and that reservation is what the plan counts.
 The rows add up to an upper bound: the teacher's forward transient is freed before the student's forward.
 With teacher.device on another device (e.g. cuda:1), the teacher's parameters and forward are planned
-and checked there; its outputs (hidden states or log-probs) are counted on both devices.
+and checked there; its outputs (hidden states or log-probs) are counted on both devices. A served teacher
+(teacher.backend=vllm teacher.server=URL) takes no learner memory: only its top-K ids and log-probs of
+each response token ([tokens, K] int64 + fp32) land there; in process (teacher.server=null) vLLM holds
+its weights in teacher.dtype.
 
 Tokens per rank = ceil(prompts_per_step x rollout.n / ranks) x (prompt tokens + rollout.max_new_tokens);
 the prompt length is an assumption (--prompt-tokens, default 512). Hub ids that are not on disk resolve
@@ -41,6 +44,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from opd_cli.errors import OpdError
+from opd_cli.teacher_server.checks import logprobs_k, servers
 
 GIB = 2**30
 
@@ -138,6 +142,14 @@ def model_shape(spec: str, cfg: DictConfig, fallback: ModelShape | None = None) 
     )
 
 
+def served_teacher(cfg: DictConfig) -> bool:
+    return (
+        cfg.stage == "opd"
+        and cfg.teacher.get("backend", "hf") == "vllm"
+        and bool(servers(cfg.teacher.get("server")))
+    )
+
+
 def detected_device_memory_gb() -> float | None:
     import torch
 
@@ -153,6 +165,9 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     with_teacher = cfg.stage == "opd"  # GRPO (rlvr) and SFT train without a teacher in memory
     if not with_teacher:
         teacher, t_src = ModelShape(0, 0, 0, 0, 0, 0, 0, True), f"none in memory (stage={cfg.stage})"
+    elif served_teacher(cfg):  # teacher.backend=vllm teacher.server=URL: the teacher lives elsewhere
+        teacher = ModelShape(0, 0, 0, 0, 0, 0, 0, True)
+        t_src = f"served by {', '.join(servers(cfg.teacher.server))} (no learner memory)"
     elif cfg.teacher.kind == "self_pi":
         teacher, t_src = student, "frozen copy of the student"
     else:
@@ -175,6 +190,7 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     td = str(cfg.teacher.device)
     separate = (
         with_teacher
+        and cfg.teacher.get("backend", "hf") == "hf"
         and td not in ("same", "cuda" if cuda else "cpu")
         and not (cuda and ranks == 1 and td == "cuda:0")
     )
@@ -194,7 +210,10 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     else:
         act_name = "activations (no checkpointing)"
         act = mb_tokens * student.activation_values_per_token() * act_bytes
-    if chunked:
+    if with_teacher and cfg.teacher.get("backend", "hf") == "vllm":  # top-K ids (int64) + log-probs + sampled
+        k = logprobs_k(cfg.loss)
+        teacher_out = (f"teacher top-{k} ids + log-probs [tokens, {k}]", mb_response * (k * (8 + 4) + 4))
+    elif chunked:
         teacher_out = (
             "teacher hidden states [tokens, H_t]",
             mb_response * teacher.hidden * max(t_bytes, act_bytes),
@@ -209,6 +228,10 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
             mb_tokens * teacher.layer_activation_values_per_token() * min(t_bytes, t_act_bytes),
         ),
     ]
+    if served_teacher(cfg):
+        teacher_rows = []
+    elif with_teacher and cfg.teacher.get("backend", "hf") == "vllm":  # a vLLM engine in this process
+        teacher_rows = [(f"teacher parameters in vLLM ({t_name})", t_bytes * teacher.params)]
     rows = [
         ("student parameters (fp32)", 4 * student.params / shard),
         ("student gradients (fp32)", 4 * student.params / shard),

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_cli import distributed, losses
 from opd_cli.batching import ResponseForward, pack
-from opd_cli.checkpoint import resume_point, save_checkpoint, set_rng_state
+from opd_cli.checkpoint import latest_checkpoint, resume_point, save_checkpoint, set_rng_state
 from opd_cli.diagnostics import CollapseDetector, loss_signals, rollout_signals
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_json
@@ -50,6 +50,7 @@ from opd_cli.progress import StepProgress
 from opd_cli.rollout.base import SamplingConfig, derive_seed, make_engine
 from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
 from opd_cli.stages.evaluate import evaluate, headline
+from opd_cli.teacher_server.client import TeacherServerError
 from opd_cli.teachers import (
     PromptBuilder,
     Teacher,
@@ -118,29 +119,15 @@ class OPDRun:
 
         # The OPSD teacher is a frozen copy of the step-0 student: the same checkpoint, loaded again.
         teacher_path = student_path if cfg.teacher.kind == "self_pi" else resolve_path(cfg.teacher.path, cfg)
-        teacher_tok = self.tokenizer if teacher_path == student_path else load_tokenizer(teacher_path)
-        # frozen, so no fp32 master copy: bf16 weights on CUDA by default (teacher.dtype); on its own
-        # device with teacher.device (its outputs come back to the learner's device for the loss)
-        t_device = teacher_device(cfg.teacher.device, self.device)
-        teacher_model = load_model(
-            teacher_path, t_device, trainable=False, dtype=weights_dtype(t_device, cfg.teacher.dtype)
-        )
-        check_same_vocabulary(self.tokenizer, teacher_tok, self.model, teacher_model)
         self.student_prompts: PromptBuilder = student_prompt_builder(self.task, cfg.teacher)
-        self.teacher = Teacher(
-            teacher_model,
-            teacher_tok,
-            teacher_prompt_builder(self.task, cfg.teacher),
-            amp=lambda: torch.autocast(
-                t_device.type,
-                dtype=self.amp_dtype,
-                enabled=self.amp_dtype is not None and t_device.type == self.device.type,
-            ),
-            output_device=self.device,
-            enable_thinking=cfg.model.enable_thinking
-            if cfg.teacher.get("enable_thinking") is None
-            else cfg.teacher.enable_thinking,
-        )
+        if cfg.teacher.get("backend", "hf") == "vllm":  # top-K log-probs from vLLM (opd_cli/teacher_server)
+            from opd_cli.teacher_server.scorer import build_vllm_teacher
+
+            self.teacher = build_vllm_teacher(
+                cfg, self.task, self.tokenizer, self.vocab_size, teacher_path, self.device, self.train_rows[0]
+            )
+        else:
+            self.teacher = self.local_teacher(teacher_path)
         self.teacher.prompt_ids(self.train_rows[0])  # fail now, not at step 1, on a bad PI template
 
         tc = cfg.trainer
@@ -203,6 +190,32 @@ class OPDRun:
         )
 
     # ------------------------------------------------------------------------------------------ setup
+    def local_teacher(self, teacher_path: str) -> Teacher:
+        """The frozen teacher as a local HF model (teacher.backend=hf): full logits from its forward."""
+        cfg = self.cfg
+        teacher_tok = self.tokenizer if teacher_path == self.student_path else load_tokenizer(teacher_path)
+        # frozen, so no fp32 master copy: bf16 weights on CUDA by default (teacher.dtype); on its own
+        # device with teacher.device (its outputs come back to the learner's device for the loss)
+        t_device = teacher_device(cfg.teacher.device, self.device)
+        teacher_model = load_model(
+            teacher_path, t_device, trainable=False, dtype=weights_dtype(t_device, cfg.teacher.dtype)
+        )
+        check_same_vocabulary(self.tokenizer, teacher_tok, self.model, teacher_model)
+        return Teacher(
+            teacher_model,
+            teacher_tok,
+            teacher_prompt_builder(self.task, cfg.teacher),
+            amp=lambda: torch.autocast(
+                t_device.type,
+                dtype=self.amp_dtype,
+                enabled=self.amp_dtype is not None and t_device.type == self.device.type,
+            ),
+            output_device=self.device,
+            enable_thinking=cfg.model.enable_thinking
+            if cfg.teacher.get("enable_thinking") is None
+            else cfg.teacher.enable_thinking,
+        )
+
     def engine_options(self) -> dict:
         if self.cfg.rollout.engine != "vllm":
             return {}
@@ -337,13 +350,15 @@ class OPDRun:
 
         kwargs = loss_kwargs(cfg.loss)
         chunked = cfg.loss.chunk_size > 0
-        diagnose = not chunked and (self.step + 1) % cfg.diagnostics.every == 0
+        # the cosine to the full reverse KL needs full teacher log-probs (not a top-K vLLM teacher's)
+        full_teacher = getattr(self.teacher, "full_vocabulary", True)
+        diagnose = full_teacher and not chunked and (self.step + 1) % cfg.diagnostics.every == 0
         world = distributed.world_size()
         # The loss of each micro-batch is a mean over its own tokens (or sequences); rescaled by its count
         # x W / global count, the accumulated gradient (averaged over ranks by DDP) is the gradient of the
         # mean over the whole global batch, and the scaled values sum to that mean.
         total = max(distributed.all_reduce_sum(self.loss_count(responses), self.device), 1.0)
-        loss_value = cosine = teacher_time = 0.0
+        loss_value = cosine = teacher_time = teacher_wait = 0.0
         per_token, masks = [], []
         micro = self.micro_batches(len(samples))
         for i, (part, real) in enumerate(micro):
@@ -351,6 +366,7 @@ class OPDRun:
             # chunked: only the teacher's hidden states; the loss makes its log-probs chunk by chunk
             teacher_out = self.teacher.score(sample_rows[part], responses[part], hidden=chunked)
             teacher_time += time.perf_counter() - ta
+            teacher_wait += getattr(self.teacher, "last_timing", {}).get("requests_s", 0.0)
             batch = pack(
                 [s.prompt_ids for s in samples[part]], responses[part], self.tokenizer.pad_token_id
             ).to(self.device)
@@ -405,6 +421,7 @@ class OPDRun:
                 "time/sync": t4 - t3,
                 "time/step": total_time,
                 "time/sync_fraction": sync / total_time,
+                **({} if full_teacher else {"time/teacher_requests": teacher_wait}),
                 "tokens": sum(len(r) for r in all_responses),
             }
         )
@@ -514,6 +531,11 @@ class OPDRun:
             while self.step < total:
                 try:
                     metrics = self.train_step()
+                except TeacherServerError as exc:  # after the retries: stop, keep the last good checkpoint
+                    raise OpdError(
+                        f"step {self.step + 1}: {exc}; the last good checkpoint is {self.last_checkpoint()}: "
+                        f"restart the teacher server and continue with resume={self.run_dir}"
+                    ) from exc
                 except NonFiniteError as exc:
                     self.tracker.log(self.step + 1, {"non_finite": 1.0})
                     raise OpdError(
@@ -569,8 +591,14 @@ class OPDRun:
             out["follow_without"] = final["internalization"]["follow_without"]
         return out
 
+    def last_checkpoint(self) -> str:
+        ckpt = latest_checkpoint(self.ckpt_root)
+        return str(ckpt) if ckpt else "none yet (a resume starts from step 0)"
+
     def close(self) -> None:
         self.engine.close()
+        if hasattr(self.teacher, "close"):
+            self.teacher.close()
         self.tracker.finish()
 
 
