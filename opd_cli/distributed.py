@@ -2,6 +2,9 @@
 
     opd run trainer.nproc=2 rollout=hf                         # opd starts the 2 ranks itself (CPU: gloo)
     torchrun --nproc_per_node=8 -m opd_cli.cli run trainer.device=cuda   # or torchrun starts them
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node1:29500 --rdzv_id=opd1 \
+        -m opd_cli.cli run experiment=qwen3_opd_8b_topk loss.support=intersection trainer.device=cuda \
+        teacher.backend=vllm teacher.server=http://node0:8000 hydra.run.dir=/shared/outputs/opd1
 
 Every rank holds the student, the teacher and its own rollout engine. A step's global batch of
 `trainer.prompts_per_step` prompts is a fixed function of (seed, step); rank r takes prompts r, r+W,

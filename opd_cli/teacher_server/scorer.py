@@ -1,7 +1,7 @@
 """The teacher's top-K log-probs from vLLM's `prompt_logprobs`, in this process or from a server pool.
 
-    opd run teacher.backend=vllm loss=topk_rkl_stopgrad loss.support=intersection            # in process
-    opd run teacher.backend=vllm teacher.server=http://127.0.0.1:8000 loss=topk_rkl_stopgrad loss.support=intersection
+    opd run teacher.backend=vllm loss=topk_rkl_stopgrad loss.support=intersection trainer.steps=20   # testbed, vLLM in process
+    opd run experiment=qwen3_opd_8b_topk loss.support=intersection teacher.backend=vllm teacher.server=http://127.0.0.1:8000
 
 Per student response the teacher is sent token ids, never text: its own prompt ids (its chat template,
 rendered here from the teacher's tokenizer) + the student's response ids, with `prompt_logprobs=K` and

@@ -2,9 +2,9 @@
 served-teacher client relies on; prints the URL to pass as teacher.server.
 
     opd teacher serve                                         # the default recipe's teacher on 127.0.0.1:8000
-    opd teacher serve teacher=large loss.k=20 --port 8001     # any recipe overrides; K from loss.k
-    opd teacher serve experiment=qwen3_opd_8b_topk teacher.tensor_parallel_size=4 --host 0.0.0.0
-    opd teacher serve --dry-run                               # print the vLLM command only
+    opd teacher serve loss.k=5 --port 18200                   # any recipe overrides; K from loss.k
+    opd teacher serve experiment=qwen3_opd_8b_topk teacher.tensor_parallel_size=4   # prints teacher server: http://127.0.0.1:8000
+    opd teacher serve --dry-run                               # the vLLM command only
     opd teacher serve -- --max-num-seqs 64                    # flags opd does not know go to vLLM as is
 
 Flags set from the recipe: the teacher checkpoint (model.path for a self_pi teacher), --max-logprobs
