@@ -423,3 +423,20 @@ def test_server_pool_spreads_requests_and_survives_a_dead_member(teacher_server)
     assert served.requests_sent == math.ceil(6 / per_request) > 1  # half of them started on the dead relay
     assert torch.equal(a.topk_ids, b.topk_ids)
     assert torch.allclose(a.sampled, b.sampled, atol=LOGPROB_TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_teacher_path_whose_chat_template_differs_from_the_servers_is_refused(teacher_server, tmp_path):
+    """The served model renders the teacher prompt through its own chat template (/tokenize): a local
+    teacher.path with another template would score the student's tokens under a different prompt."""
+    import shutil
+
+    from opd_cli.errors import OpdError
+    from opd_cli.stages.common import resolve_path
+
+    local = tmp_path / "teacher"
+    shutil.copytree(resolve_path("testbed:teacher_rlvr", {}), local)
+    template = local / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|assistant|>", "<|assistant|>="))
+    with pytest.raises(OpdError, match="renders the teacher prompt as .* the local teacher tokenizer"):
+        _teachers(teacher_server, path=str(local))
