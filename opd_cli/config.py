@@ -66,7 +66,7 @@ class TeacherConfig:
     backend: str = "hf"
     server: Any = None  # backend=vllm: null = in process; a URL from `opd teacher serve`, or a list of URLs
     timeout_s: float = 120.0  # per request to a teacher server
-    retries: int = 4  # attempts after the first, with backoff doubling from retry_backoff_s
+    retries: int = 8  # attempts after the first; backoff doubles from retry_backoff_s up to 30 s (~150 s in all)
     retry_backoff_s: float = 2.0
     max_request_tokens: int = 8192  # prompt + response tokens per request (bounds prompt_logprobs memory)
     max_model_len: int | None = None  # the vLLM teacher's context; None = the model's

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -49,6 +50,10 @@ TINY = [
 def train_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r]
+
+
+def without_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
 def assert_same_curve(a: list[dict], b: list[dict], keys=("loss", "grad_norm", "teacher_mass_in_support")):
@@ -94,10 +99,11 @@ def teacher_server():
 class Relay:
     """An HTTP relay to the real server. `die_after=n`: after n /v1/completions replies it stops
     listening (connection refused: a server that went down). `cut=n`: the n-th /v1/completions reply
-    loses the last prompt log-prob of its first sequence (a short reply)."""
+    loses the last prompt log-prob of its first sequence (a short reply). `delay`: every /v1/completions
+    reply after the first waits that many seconds (a slow server)."""
 
-    def __init__(self, target: str, die_after: int | None = None, cut: int | None = None):
-        self.target, self.die_after, self.cut = target, die_after, cut
+    def __init__(self, target: str, die_after: int | None = None, cut: int | None = None, delay: float = 0.0):
+        self.target, self.die_after, self.cut, self.delay = target, die_after, cut, delay
         self.completions = 0
         relay = self
 
@@ -116,15 +122,20 @@ class Relay:
                     payload = reply.read()
                 if self.path == "/v1/completions":
                     relay.completions += 1
+                    if relay.delay and relay.completions > 1:  # the check request passes, then it is slow
+                        time.sleep(relay.delay)
                     if relay.cut == relay.completions:
                         data = json.loads(payload)
                         data["choices"][0]["prompt_logprobs"].pop()
                         payload = json.dumps(data).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up on a slow reply
+                    return
                 if relay.die_after is not None and relay.completions >= relay.die_after:
                     threading.Thread(target=relay.stop, daemon=True).start()
 
@@ -383,7 +394,12 @@ def test_server_down_mid_run_stops_cleanly_and_the_resume_continues_exactly(teac
     # the server is back (here: the real one, without the relay); the resume continues from step 2
     res = run_opd("run", f"resume={broken}", f"teacher.server={teacher_server}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert_same_curve(train_rows(broken), train_rows(reference))
+    # exactly: the same requests to the same server give the same log-probs, the rest is seeded
+    assert without_times(train_rows(broken)) == without_times(train_rows(reference))
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (broken, reference)]
+    assert [{k: v for k, v in s.items() if k != "run_dir"} for s in summaries] == [
+        {k: v for k, v in summaries[1].items() if k != "run_dir"}
+    ] * 2
 
 
 @pytest.mark.slow
@@ -440,3 +456,20 @@ def test_a_teacher_path_whose_chat_template_differs_from_the_servers_is_refused(
     template.write_text(template.read_text().replace("<|assistant|>", "<|assistant|>="))
     with pytest.raises(OpdError, match="renders the teacher prompt as .* the local teacher tokenizer"):
         _teachers(teacher_server, path=str(local))
+
+
+@pytest.mark.slow
+def test_a_slow_server_times_out_and_its_requests_go_to_the_next(teacher_server):
+    """teacher.server=[slow, server] with teacher.timeout_s=1: requests that start on the slow relay time
+    out and are answered by the live server; the batch is complete and equals the direct scores."""
+    slow = Relay(teacher_server, delay=5.0)
+    served, _, rows = _teachers(
+        f"[{slow.url},{teacher_server}]", max_request_tokens=100, timeout_s=1, retry_backoff_s=0.05
+    )
+    whole, _, _ = _teachers(teacher_server)
+    responses = [[23] * 30 for _ in range(6)]
+    a, b = served.score(rows[:6], responses), whole.score(rows[:6], responses)
+    slow.stop()
+    assert torch.equal(a.topk_ids, b.topk_ids)
+    assert torch.allclose(a.sampled, b.sampled, atol=LOGPROB_TOL, rtol=0)
+    assert slow.completions > 1  # the slow relay did receive (and was abandoned on) a scoring request
