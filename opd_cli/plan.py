@@ -231,7 +231,21 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     if served_teacher(cfg):
         teacher_rows = []
     elif with_teacher and cfg.teacher.get("backend", "hf") == "vllm":  # a vLLM engine in this process
-        teacher_rows = [(f"teacher parameters in vLLM ({t_name})", t_bytes * teacher.params)]
+        weights = (f"teacher parameters in vLLM ({t_name})", t_bytes * teacher.params)
+        known = tc.device_memory_gb or detected_device_memory_gb()
+        share = cfg.teacher.gpu_memory_utilization
+        # on a GPU vLLM reserves its share of the device (weights + KV cache) up front; that is what counts
+        teacher_rows = (
+            [
+                (
+                    f"teacher vLLM reserve (teacher.gpu_memory_utilization={share}; its weights "
+                    f"{weights[1] / GIB:.1f} GiB)",
+                    share * known * GIB,
+                )
+            ]
+            if known and cuda
+            else [weights]
+        )
     rows = [
         ("student parameters (fp32)", 4 * student.params / shard),
         ("student gradients (fp32)", 4 * student.params / shard),

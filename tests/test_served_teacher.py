@@ -260,6 +260,10 @@ def test_plan_counts_no_learner_memory_for_a_served_teacher():
     micro = served["micro_batch"]  # sequences per micro-batch x response tokens x (20 x (8 + 4) + 4) bytes
     assert math.isclose(topk * 2**30, micro * 4096 * (20 * 12 + 4))
     assert served["total_gb"] < local["total_gb"] - 15  # the 8B teacher's 15.3 GiB of bf16 weights are gone
+    # in process, vLLM reserves teacher.gpu_memory_utilization of the GPU for the teacher's weights + KV cache
+    inproc = dict(memory_plan(compose([*recipe, "teacher.backend=vllm", "trainer.device=cuda"]))["rows"])
+    reserve = "teacher vLLM reserve (teacher.gpu_memory_utilization=0.2; its weights 15.3 GiB)"
+    assert math.isclose(inproc[reserve], 0.2 * 80)
 
 
 # ------------------------------------------------------------------------------------------- parity
