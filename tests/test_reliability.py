@@ -293,6 +293,15 @@ def _bad_input_cases(tmp: Path, models: dict) -> dict[str, tuple[list[str], str]
         "model path that is not a model": ([f"model.path={not_a_model}"], "is not a model directory"),
         "model path with a broken config": ([f"model.path={broken_model}"], "is not a valid JSON file"),
         "teacher path that is not a model": ([f"teacher.path={not_a_model}"], "is not a model directory"),
+        # not the hub's "Repo id must use alphanumeric chars"
+        "model path that does not exist": (
+            ["model.path=/nonexistent"],
+            "no such model directory: /nonexistent",
+        ),
+        "relative teacher path that does not exist": (
+            ["teacher.path=./no/such/dir"],
+            "no such model directory",
+        ),
         "tokenizer/vocab mismatch": ([f"teacher.path={other_vocab}"], "teacher tokenizer"),
         "K larger than the vocabulary": (["loss=topk_rkl", "loss.k=1000"], "loss.k=1000 is larger"),
         "teacher on a GPU the machine lacks": (["teacher.device=cuda:7"], "teacher.device=cuda:7 but"),
