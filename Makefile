@@ -11,7 +11,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast lint testbed testbed-status probe bench-loss bench-step matrix matrix-report clean
+.PHONY: install run test test-fast test-numerics lint testbed testbed-status probe bench-loss bench-step matrix matrix-report clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The numerical-equality tests (-m numerics) under ATEN_CPU_CAPABILITY=default, avx2, avx512 (where the
+# CPU has it) and unset, each with 1 and 2 torch threads; a table of counts per setting (~20 min on 2 cores).
+test-numerics: install
+	$(BIN)/python scripts/numerics.py
 
 lint: install
 	$(BIN)/ruff check opd_cli tests

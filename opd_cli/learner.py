@@ -173,6 +173,7 @@ class Learner:
         total_steps: int,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-8,
         grad_clip: float = 1.0,
         warmup_ratio: float = 0.0,
         schedule: str = "constant",
@@ -184,7 +185,7 @@ class Learner:
         self.grad_clip = grad_clip
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=False
+            params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=False
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(total_steps, warmup_ratio, schedule)

@@ -21,6 +21,9 @@ from opd_cli.losses import (
 )
 from opd_cli.losses_chunked import chunked_loss
 
+# every test here compares floats across code paths (float64 unless said otherwise)
+pytestmark = pytest.mark.numerics
+
 F64 = torch.float64
 TOPK_LOSSES = ("topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm")
 

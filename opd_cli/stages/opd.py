@@ -173,6 +173,7 @@ class OPDRun:
             total_steps=tc.steps,
             weight_decay=tc.weight_decay,
             betas=tuple(tc.betas),
+            eps=tc.adam_eps,
             grad_clip=tc.grad_clip,
             warmup_ratio=tc.warmup_ratio,
             schedule=tc.schedule,
