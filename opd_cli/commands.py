@@ -169,6 +169,7 @@ def print_plans(overrides: list[str], multirun: bool, prompt_tokens: int = 512) 
 
 def all_commands() -> list[click.Command]:
     from opd_cli.bench.cli import bench_group
+    from opd_cli.gpu_check import gpu_check_cmd
     from opd_cli.testbed.cli import testbed_group
 
-    return [bench_group, eval_cmd, plan_cmd, probe_cmd, report_cmd, testbed_group]
+    return [bench_group, eval_cmd, gpu_check_cmd, plan_cmd, probe_cmd, report_cmd, testbed_group]
