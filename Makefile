@@ -11,7 +11,8 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast lint testbed testbed-status probe bench-loss bench-step matrix matrix-report clean
+.PHONY: install run test test-fast test-numerics lint testbed testbed-status probe bench-loss bench-step matrix matrix-report clean \
+	gpu-check wheelhouse install-offline
 
 install: $(STAMP)
 
@@ -38,6 +39,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The numerical-equality tests (-m numerics) under ATEN_CPU_CAPABILITY=default, avx2, avx512 (where the
+# CPU has it) and unset, each with 1 and 2 torch threads; a table of counts per setting (~20 min on 2 cores).
+test-numerics: install
+	$(BIN)/python scripts/numerics.py
 
 lint: install
 	$(BIN)/ruff check opd_cli tests
@@ -78,6 +84,33 @@ bench-loss: install
 bench-step: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	TRL_EXPERIMENTAL_SILENCE=1 $(BIN)/opd bench step --out experiments/bench_step_table.md
+
+# The acceptance run for a CUDA node (~5 min on one H200; `--tiny` small shapes on a CPU): Qwen3-shaped OPD
+# steps (plan vs allocated memory), the loss bench at V=151,936, the testbed on CUDA vs CPU. No install step:
+# it runs with the interpreter that has opd's dependencies (.venv if built, else python3: an offline node
+# after `make install-offline`). experiments/gpu_check.md says what the table holds.
+GPU_CHECK_OUT ?= experiments/gpu_check
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_CHECK_PYTHON) -m opd_cli.cli gpu-check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# Offline nodes: `make wheelhouse PY=3.12` downloads, for CPython $(PY) manylinux x86_64, opd's wheel and
+# every wheel it needs that the target image lacks (scripts/gpu_image_has.txt: torch, transformers, ...;
+# WHEELHOUSE_SKIP= to bring everything) into $(WHEELHOUSE); WITH_VLLM=1 adds vllm. Then, on the node,
+# `make install-offline WHEELHOUSE=wheelhouse` installs it into $(OFFLINE_PYTHON)'s environment, no index.
+PY ?= 3.12
+WHEELHOUSE ?= wheelhouse
+WHEELHOUSE_SKIP ?= scripts/gpu_image_has.txt
+WHEEL_PYTHON ?= python3
+OFFLINE_PYTHON ?= python3
+wheelhouse:
+	$(WHEEL_PYTHON) scripts/wheelhouse.py --python-version $(PY) --out $(WHEELHOUSE) \
+		$(if $(WHEELHOUSE_SKIP),--skip $(WHEELHOUSE_SKIP)) $(if $(filter 1,$(WITH_VLLM)),--with-vllm)
+
+install-offline:
+	@test -d "$(WHEELHOUSE)" || { echo "error: WHEELHOUSE=$(WHEELHOUSE) is not a directory; build it with make wheelhouse"; exit 2; }
+	$(OFFLINE_PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) opd $(if $(filter 1,$(WITH_VLLM)),vllm)
+	$(OFFLINE_PYTHON) -c "import torch, transformers, hydra, omegaconf, datasets, wandb, math_verify, opd_cli; print('opd offline install ok: torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

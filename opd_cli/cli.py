@@ -24,6 +24,7 @@ import click
 
 from opd_cli.errors import OpdError, UsageError
 from opd_cli.grid import expand_grid
+from opd_cli.quiet import quiet_third_party
 
 # Defaults that must be in place before vllm/wandb/tokenizers are imported anywhere.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -73,6 +74,7 @@ def main(debug: bool) -> None:
         os.environ["HYDRA_FULL_ERROR"] = "1"
         os.environ["OPD_DEBUG"] = "1"
     quiet_loaded_libraries()
+    quiet_third_party()
 
 
 def quiet_loaded_libraries() -> None:

@@ -114,7 +114,15 @@ def report_cmd(dirs: tuple[Path, ...], out: Path | None, no_plots: bool) -> None
     failed = [j for j in report.jobs if j.status == "failed"]
     for j in failed:
         click.echo(f"failed: {j.path}: {j.error}", err=True)
-    click.echo(f"report: {(out or dirs[0]) / 'report.md'}")
+    judged = [c for c in report.cells if c.match is not None]
+    missed = [c.name for c in judged if not c.match]
+    click.echo(
+        f"paper verdict reproduced in {sum(1 for c in judged if c.match)} of {len(judged)} cells with a "
+        f"verdict"
+        + (f"; not reproduced: {', '.join(missed)}" if missed else "")
+        + f" ({len(report.jobs)} jobs, {len(failed)} failed)"
+    )
+    click.echo(f"report: {(out or dirs[0]) / 'report.md'} (also report.html, report.json and the PNG curves)")
 
 
 @click.command("plan", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -161,7 +169,17 @@ def print_plans(overrides: list[str], multirun: bool, prompt_tokens: int = 512) 
 
 def all_commands() -> list[click.Command]:
     from opd_cli.bench.cli import bench_group
+    from opd_cli.gpu_check import gpu_check_cmd
     from opd_cli.teacher_server.serve import teacher_group
     from opd_cli.testbed.cli import testbed_group
 
-    return [bench_group, eval_cmd, plan_cmd, probe_cmd, report_cmd, teacher_group, testbed_group]
+    return [
+        bench_group,
+        eval_cmd,
+        gpu_check_cmd,
+        plan_cmd,
+        probe_cmd,
+        report_cmd,
+        teacher_group,
+        testbed_group,
+    ]

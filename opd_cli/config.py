@@ -66,7 +66,7 @@ class TeacherConfig:
     backend: str = "hf"
     server: Any = None  # backend=vllm: null = in process; a URL from `opd teacher serve`, or a list of URLs
     timeout_s: float = 120.0  # per request to a teacher server
-    retries: int = 8  # attempts after the first; backoff doubles from retry_backoff_s up to 30 s (~150 s in all)
+    retries: int = 8  # attempts after the first; backoff doubles from retry_backoff_s to 30 s (~150 s)
     retry_backoff_s: float = 2.0
     max_request_tokens: int = 8192  # prompt + response tokens per request (bounds prompt_logprobs memory)
     max_model_len: int | None = None  # the vLLM teacher's context; None = the model's
@@ -123,6 +123,10 @@ class TrainerConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    # AdamW's eps (the OPD learner's, like betas). Adam's update g / (sqrt(v) + eps) turns a gradient entry
+    # that is ~0 up to float round-off into a move of up to lr; a larger eps (1e-6 for bf16, or 1e-2 in the
+    # equality tests) bounds that: an entry then moves by at most lr * |g| / eps
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
     save_every: int = 25
     device: str = "auto"  # auto | cpu | cuda
@@ -306,6 +310,8 @@ def validate(cfg: DictConfig | Config) -> None:
     _at_least("trainer.prompts_per_step", c.trainer.prompts_per_step, 1)
     if c.trainer.lr <= 0:
         raise ConfigError(f"trainer.lr={c.trainer.lr!r} must be > 0")
+    if c.trainer.adam_eps <= 0:
+        raise ConfigError(f"trainer.adam_eps={c.trainer.adam_eps!r} must be > 0 (AdamW's default is 1e-8)")
     _one_of("trainer.schedule", c.trainer.schedule, ("constant", "cosine", "linear"))
     _one_of("cell.paper_verdict", c.cell.paper_verdict, ("", *VERDICTS))
     _one_of("cell.metric", c.cell.metric, ("accuracy", "internalization"))

@@ -73,6 +73,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def check_local_path(path: str | Path) -> None:
+    """A model path written as a local path (absolute, ./, ../, ~, or more than one '/') must exist: a
+    missing directory is said as such, not as the hub's "Repo id must use alphanumeric chars"."""
+    text = str(path)
+    if Path(text).expanduser().exists():
+        return
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise OpdError(
+            f"no such model directory: {text}; pass a Hugging Face model directory (save_pretrained) or "
+            f"testbed:<name>; a hub id (org/name) is read only from the local Hugging Face cache on a "
+            f"machine without hub access, so download it first where there is one"
+        )
+
+
 def check_model_dir(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -103,6 +117,7 @@ def load_model(
     models (the teacher) may be loaded in `dtype` directly."""
     from transformers import AutoModelForCausalLM
 
+    check_local_path(path)
     path = check_model_dir(path) if Path(str(path)).expanduser().exists() else path
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
@@ -121,6 +136,7 @@ def load_model(
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    check_local_path(path)
     if Path(str(path)).expanduser().exists():  # a local directory: say what is wrong with it, as load_model
         check_model_dir(path)
     try:
@@ -157,6 +173,7 @@ class Learner:
         total_steps: int,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-8,
         grad_clip: float = 1.0,
         warmup_ratio: float = 0.0,
         schedule: str = "constant",
@@ -168,7 +185,7 @@ class Learner:
         self.grad_clip = grad_clip
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=False
+            params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=False
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(total_steps, warmup_ratio, schedule)

@@ -16,7 +16,10 @@ diagnostics that are 0 on padding. An all-zero mask gives loss 0.0 that is still
 inputs (its gradient is zero), never NaN.
 
 Teacher log-probs are clamped below at log(smallest normal float) so that q = 0 gives a large
-finite penalty instead of inf/NaN. Student logits must be finite.
+finite penalty instead of inf/NaN, on every path (full, top-K or sampled log-probs, or log-probs from a
+TeacherHidden in `compute_loss` and in `chunked_loss` alike). -inf teacher log-probs are legal (q = 0);
+NaN or +inf teacher values and non-finite student logits raise `NonFiniteInputError`, which names the
+tensor, its side (teacher / student) and the first bad position.
 """
 
 from __future__ import annotations
@@ -45,6 +48,54 @@ def _upcast(x: Tensor) -> Tensor:
 
 def _log_tiny(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny)
+
+
+class NonFiniteInputError(ValueError):
+    """A loss input holds NaN/inf where it must not: `side` is "teacher" or "student", `tensor` the
+    input's name, `position` the (sequence, response position) of the first bad value when known."""
+
+    def __init__(self, side: str, tensor: str, what: str, position: tuple[int, ...] | None):
+        self.side, self.tensor, self.what, self.position = side, tensor, what, position
+        where = "" if position is None else f" at sequence {position[0]}, response position {position[1]}"
+        super().__init__(f"{side} {tensor} hold {what}{where}")
+
+
+def _first_bad(bad: Tensor, sel: Tensor | None, offset: int = 0) -> tuple[int, int] | None:
+    """(sequence, response position) of the first bad row: `bad` is [N, ...] over the response rows
+    (row i = the i-th True of the [B, T] mask `sel`, shifted by `offset` for a chunk)."""
+    rows = bad.reshape(bad.shape[0], -1).any(-1) if bad.dim() > 1 else bad
+    first = int(rows.nonzero()[0, 0]) + offset
+    if sel is None:
+        return None
+    b, t = sel.nonzero()[first].tolist()
+    return b, t
+
+
+def check_student_logits(logits: Tensor, sel: Tensor | None = None, offset: int = 0) -> None:
+    """Raise NonFiniteInputError if a student logit row ([N, V] response rows) holds NaN or +-inf. One
+    reduction (a sum is finite iff every term is, short of overflow past 3e38); the position is searched
+    only on failure."""
+    x = logits.detach()
+    if x.numel() and not bool(torch.isfinite(x.sum())):
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            what = "NaN" if bool(torch.isnan(x).any()) else "inf"
+            raise NonFiniteInputError("student", "logits", what, _first_bad(bad, sel, offset))
+
+
+def check_teacher_values(teacher: TeacherLogprobs, sel: Tensor | None = None, offset: int = 0) -> None:
+    """Raise NonFiniteInputError if a teacher log-prob row holds NaN or +inf (a broken checkpoint, a bad
+    value from a served teacher); -inf is q = 0 and legal (clamped). One max per field: NaN propagates
+    through max, so `max < inf` fails for both."""
+    for name in ("full", "topk_logprobs", "sampled"):
+        x = getattr(teacher, name)
+        if x is None or not x.numel():
+            continue
+        x = x.detach()
+        if not bool(x.max() < math.inf):
+            bad = torch.isnan(x) | (x == math.inf)
+            what = "NaN" if bool(torch.isnan(x).any()) else "+inf"
+            raise NonFiniteInputError("teacher", f"log-probs ({name})", what, _first_bad(bad, sel, offset))
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -110,7 +161,8 @@ class TeacherLogprobs:
             x = _upcast(x.detach())
             floor = _log_tiny(x.dtype)
             # clamp only when needed: a clamped copy of full [B, T, V] log-probs costs as much as the logits
-            return x.clamp_min(floor) if x.numel() and bool(x.min() < floor) else x
+            # (`not min >= floor` also clamps when a NaN, e.g. in padding, hides the minimum)
+            return x.clamp_min(floor) if x.numel() and not bool(x.min() >= floor) else x
 
         return self.map(prep)
 
@@ -133,8 +185,14 @@ class TeacherHidden:
             return lm_head_logits(self.hidden, self.lm_head_weight, self.lm_head_bias, self.logit_scale)
 
     def to_logprobs(self, tokens: Tensor | None = None, k: int | None = None) -> TeacherLogprobs:
-        """Materialize the full [B, T, V] teacher log-probs (memory: one fp32 [B, T, V] tensor)."""
-        return TeacherLogprobs.from_logits(self.logits(), tokens, k)
+        """The teacher's log-probs, prepared (clamped) as every loss uses them: the one definition shared
+        by `compute_loss` (the whole [B, T, V] at once) and `chunked_loss` (row chunks of a TeacherHidden).
+        NaN/+inf logits (a broken LM head) come out as NaN log-probs, which the losses reject."""
+        return TeacherLogprobs.from_logits(self.logits(), tokens, k).prepared()
+
+    def rows(self, start: int, end: int) -> TeacherHidden:
+        """Rows start:end of a [N, Ht] (flattened) teacher."""
+        return TeacherHidden(self.hidden[start:end], self.lm_head_weight, self.lm_head_bias, self.logit_scale)
 
 
 Teacher = TeacherLogprobs | TeacherHidden
@@ -663,8 +721,10 @@ def scatter_rows(values: dict[str, Tensor], sel: Tensor) -> dict[str, Tensor]:
 
 
 def _as_logprobs(teacher: Teacher, tokens: Tensor) -> TeacherLogprobs:
+    """Prepared (detached, upcast, clamped) teacher log-probs; a TeacherHidden is materialized to
+    [B, T, V] here (chunked_loss avoids that)."""
     if isinstance(teacher, TeacherHidden):
-        return teacher.to_logprobs(tokens)  # materializes [B, T, V]; chunked_loss avoids this
+        return teacher.to_logprobs(tokens)
     return teacher.prepared()
 
 
@@ -694,10 +754,14 @@ def _compute(
         key: flatten_rows(v, sel, all_selected) if isinstance(v, Tensor) else v
         for key, v in loss_opts.items()
     }
+    logits_rows = flatten_rows(student_logits, sel, all_selected)
+    teacher_rows = teacher.map(lambda x: flatten_rows(x, sel, all_selected))
+    check_student_logits(logits_rows, sel)
+    check_teacher_values(teacher_rows, sel)
     loss, diag = loss_on_rows(
         name,
-        flatten_rows(student_logits, sel, all_selected),
-        teacher.map(lambda x: flatten_rows(x, sel, all_selected)),
+        logits_rows,
+        teacher_rows,
         flatten_rows(tokens, sel, all_selected),
         flatten_rows(weights, sel, all_selected),
         row_opts,

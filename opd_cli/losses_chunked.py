@@ -22,6 +22,8 @@ from opd_cli.losses import (
     TeacherLogprobs,
     _fail,
     _upcast,
+    check_student_logits,
+    check_teacher_values,
     flatten_rows,
     lm_head_logits,
     loss_on_rows,
@@ -35,8 +37,8 @@ from opd_cli.losses import (
 class _ChunkRunner:
     """Loops over row chunks; holds everything the per-chunk loss needs except the student's tensors."""
 
-    def __init__(self, name, teacher, tokens, weights, row_opts, common, chunk_size, logit_scale):
-        self.name, self.teacher, self.tokens, self.weights = name, teacher, tokens, weights
+    def __init__(self, name, teacher, tokens, weights, row_opts, common, chunk_size, logit_scale, sel):
+        self.name, self.teacher, self.tokens, self.weights, self.sel = name, teacher, tokens, weights, sel
         self.row_opts, self.common, self.chunk_size, self.logit_scale = (
             row_opts,
             common,
@@ -46,15 +48,16 @@ class _ChunkRunner:
         self.diag: dict[str, Tensor] = {}
 
     def _teacher_chunk(self, start: int, end: int) -> TeacherLogprobs:
-        if isinstance(self.teacher, TeacherHidden):
-            t = self.teacher
-            logits = lm_head_logits(t.hidden[start:end], t.lm_head_weight, t.lm_head_bias, t.logit_scale)
-            return TeacherLogprobs.from_logits(logits, self.tokens[start:end]).prepared()
-        return self.teacher.map(lambda x: x[start:end])
+        if isinstance(self.teacher, TeacherHidden):  # the same definition as compute_loss's
+            teacher = self.teacher.rows(start, end).to_logprobs(self.tokens[start:end])
+            check_teacher_values(teacher, self.sel, start)
+            return teacher
+        return self.teacher.map(lambda x: x[start:end])  # checked once, in chunked_loss
 
     def _chunk(self, start: int, end: int, h: Tensor, weight: Tensor, bias: Tensor | None, need_grad: bool):
         """Loss, diagnostics and d loss / d logits of one chunk; its [chunk, V] temporaries die on return."""
         logits = lm_head_logits(h, weight, bias, self.logit_scale).detach().requires_grad_(need_grad)
+        check_student_logits(logits, self.sel, start)
         teacher = self._teacher_chunk(start, end)
         opts = {k: v[start:end] if isinstance(v, Tensor) else v for k, v in self.row_opts.items()}
         with torch.enable_grad():
@@ -185,11 +188,12 @@ def chunked_loss(
         )
     else:
         teacher_rows = teacher.prepared().map(rows)
+        check_teacher_values(teacher_rows, sel)
     compute_dtype = _upcast(hidden[:0]).dtype
     weights = rows(token_weights(sel, common["reduction"], compute_dtype))
     row_opts = {key: rows(v) if isinstance(v, Tensor) else v for key, v in loss_opts.items()}
     runner = _ChunkRunner(
-        name, teacher_rows, rows(tokens), weights, row_opts, common, chunk_size, logit_scale
+        name, teacher_rows, rows(tokens), weights, row_opts, common, chunk_size, logit_scale, sel
     )
 
     hidden_rows = rows(hidden)

@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_json, atomic_write_text
+from opd_cli.quiet import quiet_third_party
+from opd_cli.run_summary import format_summary
 
 log = logging.getLogger("opd")
 DONE_MARKER = "DONE"
@@ -36,6 +38,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     from opd_cli.distributed import is_main
 
+    quiet_third_party()  # after Hydra's job logging replaced the handlers
     run_dir = Path(run_dir)
     if is_main():  # data-parallel ranks > 0 write nothing
         check_run_dir(cfg, run_dir)
@@ -59,7 +62,10 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
         raise OpdError(f"stage={cfg.stage!r} is not allowed; choose one of: opd, sft, rlvr")
     atomic_write_json(run_dir / "summary.json", summary)
     log.info("results: %s", run_dir)
-    print(f"results: {run_dir}")
+    if cfg.stage == "opd":  # what happened to the student, readable without opening a file
+        print(format_summary(run_dir, summary))
+    else:
+        print(f"results: {run_dir}")
     return summary
 
 

@@ -12,13 +12,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def threads_for_tests() -> int:
+    """Torch threads for the tests' runs: 1 (the 2 shared cores of a dev box are ~10x slower with 2), or
+    $OPD_TEST_THREADS (`make test-numerics` runs the numerical-equality tests with 1 and 2)."""
+    return int(os.environ.get("OPD_TEST_THREADS", "1"))
+
+
 def run_opd(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
-    """`opd <args>` as a user runs it, in a subprocess: offline wandb, one torch thread, in-process vLLM
-    engine, no debug tracebacks. Returns the CompletedProcess (text stdout/stderr)."""
+    """`opd <args>` as a user runs it, in a subprocess: offline wandb, `threads_for_tests()` torch threads,
+    in-process vLLM engine, no debug tracebacks. Returns the CompletedProcess (text stdout/stderr)."""
     full_env = {
         **os.environ,
         "WANDB_MODE": "offline",
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": str(threads_for_tests()),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         **(env or {}),
     }
@@ -69,3 +75,66 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "student": build_tiny_model_dir(root / "student", seed=0),
         "teacher": build_tiny_model_dir(root / "teacher", seed=1, hidden_size=96, num_layers=3),
     }
+
+
+# ------------------------------------------------------------------------- numerical-equality helpers
+# fp32 gradients of one loss computed by two code paths (micro-batches vs the whole batch, chunked vs
+# full logits, 1 vs 2 ranks) differ only by the order of their sums. Each entry is a sum over the batch's
+# response tokens (a few hundred here) of products accumulated over the hidden size (64-96): reordering
+# such a sum moves it by a few units of fp32 round-off (u = 6e-8) times the size of its terms, so the
+# whole gradient vector agrees to ~1e-7 relative (measured 1.6e-7 to 3e-7 under ATEN_CPU_CAPABILITY
+# default / avx2 / avx512 and 1 or 2 threads). GRAD_RTOL = 1e-5 leaves ~30x room for other kernels
+# (other BLAS blocking, AVX-512 on other vendors) yet fails on any real difference (a wrong micro-batch
+# weight moves the gradient by >= 1e-2). Entries that are ~0 in exact arithmetic (an attention key
+# bias: softmax ignores a shift) are pure round-off, so no entry is compared relative to itself: each
+# tensor's error is measured against the gradient's global scale.
+GRAD_RTOL = 1e-5
+
+
+def assert_gradients_match(reference: dict, other: dict, rtol: float = GRAD_RTOL) -> float:
+    """`other` equals `reference` ({name: grad tensor}) up to reordered fp32 sums: the relative L2 error
+    of the whole gradient and, per tensor, max |difference| / max |reference entry over all tensors| are
+    below rtol. Returns the worst of the two. Compare gradients before the optimizer step: Adam divides
+    each entry by its own scale, turning round-off in a ~0 entry into a move of up to lr."""
+    import torch
+
+    assert reference.keys() == other.keys(), sorted(set(reference) ^ set(other))
+    names = sorted(reference)
+    a = torch.cat([reference[n].detach().double().flatten() for n in names])
+    b = torch.cat([other[n].detach().double().flatten() for n in names])
+    assert float(a.norm()) > 0, "an all-zero reference gradient: a vacuous comparison"
+    scale = float(a.abs().max())
+    global_rel = float((a - b).norm() / a.norm())
+    per_tensor = {n: float((reference[n].double() - other[n].double()).abs().max()) / scale for n in names}
+    worst_name = max(per_tensor, key=per_tensor.get)
+    assert global_rel < rtol and per_tensor[worst_name] < rtol, (
+        global_rel,
+        worst_name,
+        per_tensor[worst_name],
+    )
+    return max(global_rel, per_tensor[worst_name])
+
+
+class GradientRecorder:
+    """Records every optimizer step's accumulated gradients ({name: clone}) before the update, by
+    wrapping `Learner.step` (every stage's optimizer step goes through it)."""
+
+    def __init__(self, monkeypatch):
+        from opd_cli.learner import Learner
+
+        self.steps: list[dict] = []
+        real = Learner.step
+
+        def step(learner, loss=None):
+            if loss is not None:
+                learner.backward(loss)
+            self.steps.append(
+                {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None}
+            )
+            return real(learner)
+
+        monkeypatch.setattr(Learner, "step", step)
+
+    def take(self) -> list[dict]:
+        steps, self.steps = self.steps, []
+        return steps

@@ -110,3 +110,11 @@ def test_debug_flag_shows_traceback(tmp_path):
     res = opd("--debug", "run", "loss.k=0", cwd=tmp_path)
     assert res.returncode != 0
     assert "Traceback" in res.stderr
+
+
+def test_probe_with_no_problems_is_one_line_exit_2(tmp_path):
+    res = opd("probe", "teacher=large", "-n", "0", "--out", str(tmp_path / "probe.json"), cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "-n 0: the probe needs at least one problem" in lines[0], res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "probe.json").exists()

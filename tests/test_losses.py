@@ -21,6 +21,9 @@ from opd_cli.losses import (
 )
 from opd_cli.losses_chunked import chunked_loss
 
+# every test here compares floats across code paths (float64 unless said otherwise)
+pytestmark = pytest.mark.numerics
+
 F64 = torch.float64
 TOPK_LOSSES = ("topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm")
 
@@ -596,3 +599,111 @@ def test_loss_bench_tiny_size_produces_finite_ratios():
         assert abs(row["naive_loss"] - row["chunked_loss"]) < 1e-3 * max(1.0, abs(row["naive_loss"]))
     table = format_table(rows)
     assert table.count("\n") >= len(rows) + 1 and "full_rkl" in table
+
+
+# ------------------------------------------------------------------ teacher clamp and non-finite inputs
+FULL_LOSSES = ("full_rkl", "full_fkl", "gjsd")
+
+
+def _both_paths(name, h, w, teacher, tokens, mask):
+    """(compute_loss on the materialized logits, chunked_loss) for a TeacherHidden teacher."""
+    naive = compute_loss(name, lm_head_logits(h, w), teacher, tokens, mask).loss
+    chunked = chunked_loss(name, h, w, teacher, tokens, mask, chunk_size=3).loss
+    return naive, chunked
+
+
+@pytest.mark.parametrize("name", FULL_LOSSES)
+def test_hidden_teacher_with_a_minus_inf_row_is_clamped_on_both_paths(name):
+    """q(v) = 0 for one token (its LM-head bias is -inf): both paths clamp log q at log(tiny) and agree.
+    Before the fix compute_loss skipped the clamp: full_rkl was inf, full_fkl / gjsd NaN."""
+    h, w, th, tw, tokens, mask, _ = _hidden_batch(seed=4)
+    bias = torch.zeros(w.shape[0], dtype=F64)
+    bias[5] = -math.inf
+    teacher = TeacherHidden(th, tw, lm_head_bias=bias)
+    naive, chunked = _both_paths(name, h, w, teacher, tokens, mask)
+    assert torch.isfinite(naive) and torch.isfinite(chunked), (naive, chunked)
+    # float64, the same operations on the same rows: equal to round-off (rtol 1e-10 >> 1e-16 x V terms)
+    torch.testing.assert_close(naive, chunked, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FULL_LOSSES)
+def test_very_negative_fp32_teacher_logits_give_the_same_loss_on_both_paths(name):
+    """Finite fp32 teacher logits whose log q falls below log(tiny fp32) = -87.3: both paths clamp
+    there (before the fix compute_loss did not, and full_rkl differed by 0.6%)."""
+    h, w, th, tw, tokens, mask, _ = _hidden_batch(seed=5, dtype=torch.float32)
+    tw = tw.clone()
+    tw[:7] *= 40.0  # 7 tokens with |logit| up to ~1e2: log q far below -87.3 at some positions
+    teacher = TeacherHidden(th, tw)
+    logq = torch.log_softmax(lm_head_logits(th, tw), -1)
+    assert bool((logq[mask] < math.log(torch.finfo(torch.float32).tiny)).any())  # the case is exercised
+    naive, chunked = _both_paths(name, h, w, teacher, tokens, mask)
+    # fp32: the same row values, summed in chunks of 3 rows vs all rows: a few ulps (eps 1.2e-7) of a sum
+    # over <= 15 rows, far inside 1e-5
+    torch.testing.assert_close(naive, chunked, rtol=1e-5, atol=1e-6)
+
+
+def _nonfinite(fn):
+    from opd_cli.losses import NonFiniteInputError
+
+    with pytest.raises(NonFiniteInputError) as err:
+        fn()
+    return err.value
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("field", ["full", "topk", "sampled"])
+def test_nan_or_plus_inf_teacher_log_probs_are_rejected_with_the_position(bad, field):
+    student, teacher_logits, tokens, mask = make_batch()
+    teacher = teacher_full(teacher_logits, tokens, k=5)
+    name, options = {
+        "full": ("full_rkl", {}),
+        "topk": ("topk_rkl_stopgrad", {"k": 5, "support": "teacher"}),
+        "sampled": ("sampled_rkl", {}),
+    }[field]
+    target = {"full": teacher.full, "topk": teacher.topk_logprobs, "sampled": teacher.sampled}[field]
+    target[1, 2] = bad  # sequence 1, response position 2 (inside the mask)
+    if field != "full":
+        teacher.full = None
+    err = _nonfinite(lambda: compute_loss(name, student, teacher, tokens, mask, **options))
+    assert err.side == "teacher" and err.position == (1, 2), str(err)
+    assert ("NaN" if math.isnan(bad) else "+inf") in str(err) and "\n" not in str(err)
+
+
+def test_nan_in_padding_is_ignored_and_minus_inf_teacher_log_probs_stay_legal():
+    student, teacher_logits, tokens, mask = make_batch()
+    teacher = teacher_full(teacher_logits, tokens)
+    teacher.full[0, 1, 3] = -math.inf  # q = 0: clamped, a large finite penalty
+    teacher.full[1, -1] = math.nan  # a padding position: never read
+    student = student.clone()
+    student[1, -1] = math.nan
+    out = compute_loss("full_rkl", student, teacher, tokens, mask)
+    assert torch.isfinite(out.loss)
+
+
+def test_non_finite_student_logits_are_rejected_on_both_paths():
+    student, teacher_logits, tokens, mask = make_batch()
+    student = student.clone()
+    student[0, 4, 7] = math.nan
+    err = _nonfinite(
+        lambda: compute_loss("full_rkl", student, teacher_full(teacher_logits, tokens), tokens, mask)
+    )
+    assert err.side == "student" and err.position == (0, 4) and "NaN" in str(err)
+    h, w, th, tw, tokens, mask, _ = _hidden_batch()
+    w = w.clone()
+    w[2] = math.inf  # an inf row in the student's LM head: inf/NaN logits everywhere
+    err = _nonfinite(
+        lambda: chunked_loss("full_rkl", h, w, TeacherHidden(th, tw), tokens, mask, chunk_size=4)
+    )
+    assert err.side == "student" and err.position == (0, 0)
+
+
+def test_nan_teacher_hidden_is_rejected_on_both_paths_with_the_position():
+    h, w, th, tw, tokens, mask, _ = _hidden_batch()
+    th = th.clone()
+    th[2, 3] = math.nan  # sequence 2, position 3 (mask[2, 4:] is padding)
+    for fn in (
+        lambda: compute_loss("full_rkl", lm_head_logits(h, w), TeacherHidden(th, tw), tokens, mask),
+        lambda: chunked_loss("full_rkl", h, w, TeacherHidden(th, tw), tokens, mask, chunk_size=4),
+    ):
+        err = _nonfinite(fn)
+        assert err.side == "teacher" and err.position == (2, 3), str(err)

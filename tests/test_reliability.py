@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import threads_for_tests
 
 from opd_cli.checkpoint import latest_checkpoint, load_trainer_state
 from opd_cli.cli import claim_dir, main, release_claims
@@ -44,7 +45,7 @@ def _one_thread_in_tmp(tmp_path, monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.delenv("OPD_DEBUG", raising=False)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads_for_tests())
     yield
     torch.set_num_threads(threads)
     release_claims()
@@ -87,6 +88,7 @@ def summary(run_dir: Path) -> dict:
     return {k: v for k, v in json.loads((run_dir / "summary.json").read_text()).items() if k != "run_dir"}
 
 
+@pytest.mark.numerics
 # ----------------------------------------------------------------------------------- kill and resume
 def test_resuming_a_finished_run_logs_nothing_twice(models, tmp_path):
     """The last step's checkpoint is written after the final evaluation and carries it: a resume of a
@@ -109,6 +111,7 @@ def test_resuming_a_finished_run_logs_nothing_twice(models, tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000001", "step_000002"]
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_sigkill_at_three_random_steps_resumes_to_the_uninterrupted_metrics(models, tmp_path):
     steps = 6
@@ -121,7 +124,7 @@ def test_sigkill_at_three_random_steps_resumes_to_the_uninterrupted_metrics(mode
 
     # Kill points: after step k's metrics line appears, i.e. anywhere in k's checkpoint write or step k+1.
     kill_after = sorted(random.Random(int(time.time())).sample(range(2, steps), 3))
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": str(threads_for_tests())}
     procs = {}
     for k in kill_after:  # the three killed runs share the cores: started together, each killed at its k
         run_dir = tmp_path / f"killed_{k}"
@@ -293,6 +296,15 @@ def _bad_input_cases(tmp: Path, models: dict) -> dict[str, tuple[list[str], str]
         "model path that is not a model": ([f"model.path={not_a_model}"], "is not a model directory"),
         "model path with a broken config": ([f"model.path={broken_model}"], "is not a valid JSON file"),
         "teacher path that is not a model": ([f"teacher.path={not_a_model}"], "is not a model directory"),
+        # not the hub's "Repo id must use alphanumeric chars"
+        "model path that does not exist": (
+            ["model.path=/nonexistent"],
+            "no such model directory: /nonexistent",
+        ),
+        "relative teacher path that does not exist": (
+            ["teacher.path=./no/such/dir"],
+            "no such model directory",
+        ),
         "tokenizer/vocab mismatch": ([f"teacher.path={other_vocab}"], "teacher tokenizer"),
         "K larger than the vocabulary": (["loss=topk_rkl", "loss.k=1000"], "loss.k=1000 is larger"),
         "teacher on a GPU the machine lacks": (["teacher.device=cuda:7"], "teacher.device=cuda:7 but"),
@@ -460,6 +472,7 @@ def _rlvr_rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in without_times(metrics(run_dir))]
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_rlvr_stage_resumes_from_its_last_checkpoint_to_the_same_teacher(tmp_path, monkeypatch):
     full = tmp_path / "full"
@@ -504,6 +517,7 @@ def test_rlvr_stage_resumes_from_its_last_checkpoint_to_the_same_teacher(tmp_pat
     assert metrics(killed) == before
 
 
+@pytest.mark.numerics
 # ------------------------------------------------------------------------------- stage=sft resume
 @pytest.mark.slow
 def test_sft_stage_resumes_from_its_last_checkpoint_on_the_saved_traces(models, tmp_path, monkeypatch):
@@ -552,3 +566,21 @@ def test_sft_stage_resumes_from_its_last_checkpoint_on_the_saved_traces(models, 
     a, b = (load_file(str(d / "model" / "model.safetensors")) for d in (full, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (killed / "model" / "DONE").exists() and not (killed / "model" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_nan_teacher_is_blamed_on_the_teacher_not_the_learning_rate(models, tmp_path):
+    """A broken teacher checkpoint (NaN in its final norm) stops the run at step 1 with one line that
+    names the teacher's output and the first bad position, not "lower trainer.lr"."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan_teacher"
+    shutil.copytree(models["teacher"], broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["model.norm.weight"][:] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    res = opd_inprocess(*base_args(models, "trainer.steps=1"), f"teacher.path={broken}", "hydra.run.dir=run")
+    line = assert_one_line_error(res, "step 1: the teacher's output is broken", "response position")
+    assert "check the teacher checkpoint (teacher.path)" in line and "lower trainer.lr will not help" in line

@@ -195,3 +195,6 @@ def test_ci_smoke_two_cells_then_report(tmp_path):
     for cell in ("opd_naive_topk_k5", "opd_stopgrad_topk_k5"):
         assert f"| {cell} |" in text and cell in res.stdout
     assert "2 finished, 0 failed" in text
+    # the headline and where the report is, printed
+    assert "paper verdict reproduced in " in res.stdout and "cells with a verdict" in res.stdout
+    assert f"report: {tmp_path / 'rep' / 'report.md'}" in res.stdout

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import threads_for_tests
 
 from opd_cli.rollout import SamplingConfig, make_engine
 from opd_cli.rollout.base import torch_threads
@@ -30,7 +31,7 @@ LOGPROB_ATOL_VLLM = 1e-4  # vLLM CPU kernels (packed GEMMs, paged attention) vs 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """One intra-op thread: on the 2 shared cores of a dev box, two threads are ~10x slower here."""
-    with torch_threads(1):
+    with torch_threads(threads_for_tests()):
         yield
 
 
@@ -162,6 +163,7 @@ def test_hf_stops_at_every_eos_the_model_declares(tiny_model_dir, hf_model, hf_e
     assert HFEngine(str(model_dir), model=hf_model, eos_token_id=EOS).stop_token_ids == [EOS]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (1.5, 0.8)])
 def test_hf_logprobs_equal_teacher_forced(hf_model, hf_engine, temperature, top_p):
     """Raw log-probs (temperature 1, no top-p) whatever the sampling transform."""
@@ -237,6 +239,7 @@ def vllm_run(tiny_model_dir):
     engine.close()
 
 
+@pytest.mark.numerics
 @pytest.mark.vllm
 def test_vllm_greedy_matches_hf_after_sync(vllm_run):
     learner, greedy = vllm_run["learner"], vllm_run["greedy"]
@@ -252,6 +255,7 @@ def test_vllm_greedy_matches_hf_after_sync(vllm_run):
         torch.testing.assert_close(torch.tensor(s.logprobs), expected_lp, atol=LOGPROB_ATOL_VLLM, rtol=0)
 
 
+@pytest.mark.numerics
 @pytest.mark.vllm
 def test_vllm_sampled_logprobs_and_determinism(vllm_run):
     engine, learner = vllm_run["engine"], vllm_run["learner"]
@@ -295,6 +299,7 @@ def test_vllm_finish_reasons(vllm_run):
     assert cut.response_ids == full[: full.index(fake_eos) + 1]
 
 
+@pytest.mark.numerics
 @pytest.mark.vllm
 def test_vllm_inplace_cpu_sync_equals_reload_weights(vllm_run):
     """The CPU in-place sync (vllm_cpu_sync) gives bit-identical samples and log-probs to reload_weights."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import threads_for_tests
 
 from opd_cli.errors import OpdError
 from opd_cli.stages.rlvr import clipped_pg_loss, group_advantages, grpo_train
@@ -35,7 +36,7 @@ FIGURES = (
 def _single_thread():
     """Training results depend on the thread count; the testbed builds single-threaded."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads_for_tests())
     yield
     torch.set_num_threads(threads)
 
@@ -143,6 +144,7 @@ def test_shipped_models_load_and_generate(manifest):
             assert task.verify(row, text).correct, (name, text)
 
 
+@pytest.mark.numerics
 def test_student_sft_accuracy_reproduces(manifest):
     from opd_cli.evaluation import greedy_accuracy
     from opd_cli.testbed.build import load

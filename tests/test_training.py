@@ -104,6 +104,13 @@ def test_opd_run_with_vllm_rollouts_and_offline_wandb(models, tmp_path):
     train_rows = [r for r in metrics(run_dir) if "loss" in r]
     assert len(train_rows) == 2 and train_rows[-1]["time/sync"] > 0
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
+    # the run ends with the summary a newcomer reads, and vLLM's known-harmless noise is filtered
+    tail = res.stdout.strip().splitlines()
+    summary = tail[[i for i, x in enumerate(tail) if x.startswith("opd run summary")][-1] :]
+    assert summary[-1] == f"results: {run_dir}", summary
+    assert any(x.startswith("greedy accuracy") for x in summary) and "collapse: none in 2 steps" in summary
+    output = res.stdout + res.stderr
+    assert "Triton" not in output and "reduce_op" not in output and "checkpoint shards" not in output
 
 
 @pytest.mark.slow
@@ -152,6 +159,7 @@ def test_multirun_2x2_smoke(models, tmp_path):
         assert json.loads((job / "status.json").read_text())["status"] == "ok"
 
 
+@pytest.mark.numerics
 def test_opsd_alignment_with_a_pi_longer_than_the_student_prompt(tiny_model_dir):
     """Teacher position t scores exactly the student's response token t, whatever the prompt lengths."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,11 +182,15 @@ def test_opsd_alignment_with_a_pi_longer_than_the_student_prompt(tiny_model_dir)
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
         p = len(teacher.prompt_ids(row))
+        # fp32 log-probs of a tiny random model (|log p| ~ 5, ulp ~5e-7) from a padded batch vs a single
+        # sequence: other GEMM shapes, a few ulps apart. 1e-4 leaves room for any kernel; the claim is the
+        # alignment, and a position shifted by one moves these log-probs by O(1)
         for t, token in enumerate(responses[i]):
-            assert torch.allclose(scored[i, t], logp[p - 1 + t], atol=1e-5)
-            assert scored[i, t, token] == pytest.approx(float(logp[p - 1 + t, token]), abs=1e-5)
+            assert torch.allclose(scored[i, t], logp[p - 1 + t], atol=1e-4)
+            assert scored[i, t, token] == pytest.approx(float(logp[p - 1 + t, token]), abs=1e-4)
 
 
+@pytest.mark.numerics
 def test_pack_gathers_the_positions_that_predict_each_response_token(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -188,8 +200,8 @@ def test_pack_gathers_the_positions_that_predict_each_response_token(tiny_model_
     _, logits = response_hidden_and_logits(model, batch)
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         full = model(torch.tensor([p + r])).logits[0]
-        for t in range(len(r)):
-            assert torch.allclose(logits[i, t], full[len(p) - 1 + t], atol=1e-5)
+        for t in range(len(r)):  # padded batch vs one sequence: fp32 round-off only (see the test above)
+            assert torch.allclose(logits[i, t], full[len(p) - 1 + t], atol=1e-4)
     assert batch.response_mask.tolist() == [[True, True, True], [True, False, False]]
 
 

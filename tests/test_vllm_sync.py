@@ -40,6 +40,7 @@ def qwen3_dir(tmp_path_factory):
     return path, tok
 
 
+@pytest.mark.numerics
 @pytest.mark.vllm
 def test_inplace_sync_on_qwen3_equals_reload_weights_and_hf(qwen3_dir):
     pytest.importorskip("vllm")

@@ -214,6 +214,7 @@ class VLLMEngine(RolloutEngine):
             generation_config="vllm",
             enable_prefix_caching=True,
             disable_log_stats=True,
+            use_tqdm_on_load=False,  # no "Loading safetensors checkpoint shards" bar per engine
         )
         kwargs.update(llm_kwargs)
         # In-process, vLLM seeds the global RNGs (random, numpy, torch) at start: restore the caller's.

@@ -100,6 +100,24 @@ def batch_rows(rows: list[dict], step: int, seed: int, size: int) -> list[dict]:
     return rng.sample(rows, size) if size <= len(rows) else [rng.choice(rows) for _ in range(size)]
 
 
+def explain_non_finite(exc: Exception, step: int, ckpt_root) -> str:
+    """One line that blames the side that went bad (teacher output, student logits, gradient) and gives
+    the advice that fits it: a NaN from the teacher is not cured by a lower learning rate."""
+    last = f"the last good checkpoint is in {ckpt_root}"
+    if isinstance(exc, losses.NonFiniteInputError) and exc.side == "teacher":
+        return (
+            f"step {step}: the teacher's output is broken: {exc}; check the teacher checkpoint "
+            f"(teacher.path) or the teacher server, not the training settings (a lower trainer.lr will not "
+            f"help); {last}"
+        )
+    if isinstance(exc, losses.NonFiniteInputError):
+        return (
+            f"step {step}: the student diverged: {exc}; lower trainer.lr or set trainer.grad_clip > 0 "
+            f"(at step 1: check model.path, the checkpoint may be damaged); {last}"
+        )
+    return f"step {step}: {exc}: the update overflowed; lower trainer.lr or raise trainer.grad_clip; {last}"
+
+
 class OPDRun:
     """Set up once, then `train()`; attributes are the run's live state."""
 
@@ -142,6 +160,7 @@ class OPDRun:
             total_steps=tc.steps,
             weight_decay=tc.weight_decay,
             betas=tuple(tc.betas),
+            eps=tc.adam_eps,
             grad_clip=tc.grad_clip,
             warmup_ratio=tc.warmup_ratio,
             schedule=tc.schedule,
@@ -536,12 +555,9 @@ class OPDRun:
                         f"step {self.step + 1}: {exc}; the last good checkpoint is {self.last_checkpoint()}: "
                         f"restart the teacher server and continue with resume={self.run_dir}"
                     ) from exc
-                except NonFiniteError as exc:
+                except (NonFiniteError, losses.NonFiniteInputError) as exc:
                     self.tracker.log(self.step + 1, {"non_finite": 1.0})
-                    raise OpdError(
-                        f"step {self.step + 1}: {exc}; the last good checkpoint is in "
-                        f"{self.ckpt_root} (lower trainer.lr or raise trainer.grad_clip)"
-                    ) from exc
+                    raise OpdError(explain_non_finite(exc, self.step + 1, self.ckpt_root)) from exc
                 self.step += 1
                 if self.detector.update(self.step, metrics):
                     log.warning(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 
 from opd_cli.diagnostics import hedging_count
+from opd_cli.errors import OpdError
 from opd_cli.learner import load_model, load_tokenizer, pick_device
 from opd_cli.rollout.base import SamplingConfig, derive_seed, make_engine
 from opd_cli.stages.common import load_task_and_data, resolve_path
@@ -23,6 +24,10 @@ from opd_cli.teachers import PromptBuilder, chat_prompt_ids, check_same_vocabula
 
 
 def run_probe(cfg, n: int, seed: int) -> dict:
+    if n < 1:
+        raise OpdError(
+            f"-n {n}: the probe needs at least one problem; pass -n 200 (the default) or another n >= 1"
+        )
     device = pick_device(cfg.trainer.device)
     task, _, rows = load_task_and_data(cfg.task)
     rows = rows[:n]
