@@ -6,7 +6,8 @@
         -m opd_cli.cli run experiment=qwen3_opd_8b_topk loss.support=intersection trainer.device=cuda \
         teacher.backend=vllm teacher.server=http://node0:8000 hydra.run.dir=/shared/outputs/opd1
 
-Every rank holds the student, the teacher and its own rollout engine. A step's global batch of
+Every rank holds the student, the teacher and its own rollout engine (a served teacher, `teacher.server`,
+lives outside: each rank sends it its share of the step's responses). A step's global batch of
 `trainer.prompts_per_step` prompts is a fixed function of (seed, step); rank r takes prompts r, r+W,
 r+2W, ... and samples prompt i with the seed derive_seed(step seed, i, j) of its *global* index i, so
 the rollouts of a global batch are the same for any world size W. The loss of each rank is rescaled by
