@@ -183,6 +183,11 @@ def test_teacher_server_config_errors(tmp_path):
         (["teacher.backend=vllm", "loss.support=teacher", "teacher.server=localhost:8000"], "is not a URL"),
         (["teacher.backend=triton"], "teacher.backend='triton' is not allowed"),
         (["teacher.backend=vllm", "loss.support=teacher", "trainer.nproc=2"], "serve it once"),
+        (
+            ["teacher=self_answer", "stabilization=sft", "teacher.backend=vllm", "loss.support=teacher"]
+            + ["teacher.server=http://127.0.0.1:8000"],
+            "no server can hold it yet",
+        ),
     ]:
         res = run_opd("run", *args, "--cfg", "job", cwd=tmp_path)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and needle in res.stderr, res.stderr

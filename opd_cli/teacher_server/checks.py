@@ -67,6 +67,12 @@ def validate_teacher_backend(c) -> None:
             f"loss={name} with loss.support={c.loss.support} needs log q at the student's top-K tokens, which "
             f"a vLLM teacher did not return when they are outside its own top-K; {ALTERNATIVES}"
         )
+    if urls and t.kind == "self_pi" and c.stabilization.kind == "sft":
+        raise ConfigError(
+            "teacher.kind=self_pi with stabilization=sft: the OPSD teacher is the student after its SFT stage, "
+            "which this run creates, so no server can hold it yet; use teacher.server=null (vLLM in process) "
+            "or serve the SFT'd student and run without stabilization (model.path=<its directory>)"
+        )
     if not urls and c.trainer.nproc > 1:
         raise ConfigError(
             f"teacher.backend=vllm in process with trainer.nproc={c.trainer.nproc} would start one teacher "
