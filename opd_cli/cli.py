@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from opd_cli import rundir
 from opd_cli.errors import OpdError, UsageError
 from opd_cli.grid import expand_grid
 
@@ -180,15 +181,13 @@ def cell_choices(cell: str) -> dict[str, str]:
 def check_run_dir_free(cfg) -> None:
     """An explicit hydra.run.dir that already holds a run is refused before Hydra rewrites its config."""
     run_dir = Path(cfg.hydra.run.dir)
-    used = any((run_dir / name).exists() for name in ("metrics.jsonl", "summary.json", "status.json"))
-    if used and not cfg.resume and not cfg.overwrite:
+    if rundir.holds_run(run_dir) and not cfg.resume and not cfg.overwrite:
         raise UsageError(
             f"{run_dir} already holds a run; pass resume={run_dir} to continue it, overwrite=true "
             f"to replace it, or choose another hydra.run.dir"
         )
 
 
-LOCK_NAME = ".opd.lock"
 _held_locks: list[int] = []  # descriptors of claimed directories, held (locked) until the process exits
 
 
@@ -203,7 +202,7 @@ def claim_dir(directory: Path, *, explicit: bool, key: str = "hydra.run.dir") ->
         candidate = directory if attempt == 0 else directory.with_name(f"{directory.name}-{attempt}")
         try:
             candidate.mkdir(parents=True, exist_ok=True)
-            fd = os.open(candidate / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+            fd = os.open(candidate / rundir.LOCK, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as exc:
             raise UsageError(
                 f"cannot create the output directory {candidate} ({exc.strerror or exc}); set {key} "
@@ -295,7 +294,7 @@ def with_resume_overrides(overrides: list[str]) -> list[str]:
     if not resume:
         return overrides
     run_dir = Path(resume[-1]).expanduser()
-    saved = run_dir / ".hydra" / "overrides.yaml"
+    saved = run_dir / rundir.OVERRIDES
     if not saved.is_file():
         raise UsageError(
             f"resume={run_dir}: not an opd run directory (no .hydra/overrides.yaml); pass the "

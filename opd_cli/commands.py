@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from opd_cli import rundir
 from opd_cli.errors import OpdError
 
 
@@ -46,7 +47,9 @@ def eval_cmd(overrides: tuple[str, ...], engine: str, out: str | None) -> None:
     except OpdError as exc:
         fail(str(exc))
     path = Path(ckpt[-1])
-    default_dir = path.parent.parent / "eval" if path.parent.name == "checkpoints" else Path("eval")
+    default_dir = (
+        path.parent.parent / rundir.EVAL if path.parent.name == rundir.CHECKPOINTS else Path(rundir.EVAL)
+    )
     target = Path(out) if out else default_dir / f"{path.name.replace(':', '_')}.json"
     atomic_write_json(target, result)
     click.echo(format_table(result))

@@ -22,9 +22,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from opd_cli import rundir
 from opd_cli.config import register_configs, validate
 from opd_cli.errors import OpdError
-from opd_cli.io import atomic_write_text
 
 log = logging.getLogger("opd")
 
@@ -52,42 +52,6 @@ def _read_outcomes(path: Path) -> list[tuple[Path, str, str | None]]:
     return out
 
 
-def write_status(run_dir: Path, status: str, error: str | None = None, **extra) -> None:
-    payload = {"status": status, "error": error, **extra}
-    atomic_write_text(run_dir / "status.json", json.dumps(payload, indent=2) + "\n")
-
-
-def _is_fresh(run_dir: Path) -> bool:
-    """No metrics, checkpoints or evaluations yet (only Hydra's config, the log, status): removable."""
-    return not any(
-        (run_dir / name).exists() for name in ("metrics.jsonl", "checkpoints", "eval", "sft_student")
-    )
-
-
-# What a previous run left in its directory; `overwrite=true` removes it so that nothing of the old run
-# (its checkpoints above all: `latest` and pruning would mix steps of both runs) survives into the new one.
-PREVIOUS_RUN_OUTPUTS = (
-    "metrics.jsonl",
-    "summary.json",
-    "config.yaml",
-    "checkpoints",
-    "eval",
-    "sft_student",
-    "model",
-    "wandb",
-    "wandb_id",
-)
-
-
-def clear_previous_run(run_dir: Path) -> None:
-    for name in PREVIOUS_RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def _job(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -99,14 +63,14 @@ def _job(cfg: DictConfig) -> dict | None:
         from opd_cli.pipeline import run_stage
 
         return run_stage(cfg, run_dir)
-    write_status(run_dir, "running", job=hc.job.name, overrides=list(hc.overrides.task))
+    rundir.write_status(run_dir, "running", job=hc.job.name, overrides=list(hc.overrides.task))
     started = time.monotonic()
     try:
         validate(cfg)
         from opd_cli.pipeline import run_data_parallel, run_stage
 
         if cfg.overwrite and not cfg.resume:
-            clear_previous_run(run_dir)
+            rundir.clear(run_dir)
         if cfg.trainer.nproc > 1 and not distributed.launched_by_torchrun():
             summary = run_data_parallel(cfg, run_dir)
         else:
@@ -114,11 +78,11 @@ def _job(cfg: DictConfig) -> dict | None:
     except OpdError as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.error("run failed: %s", message)
-        write_status(run_dir, "failed", message, wall_s=round(time.monotonic() - started, 1))
+        rundir.write_status(run_dir, "failed", message, wall_s=round(time.monotonic() - started, 1))
         _record(run_dir, "failed", message)
         if multirun:
             return None
-        if _is_fresh(run_dir):  # failed during setup: leave nothing half-written behind
+        if not rundir.has_outputs(run_dir):  # failed during setup: leave nothing half-written behind
             logging.shutdown()
             shutil.rmtree(run_dir, ignore_errors=True)
         print(f"error: {message}", file=sys.stderr)
@@ -126,12 +90,12 @@ def _job(cfg: DictConfig) -> dict | None:
     except Exception as exc:
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         log.error("run crashed: %s\n%s", message, traceback.format_exc())
-        write_status(run_dir, "failed", message, wall_s=round(time.monotonic() - started, 1))
+        rundir.write_status(run_dir, "failed", message, wall_s=round(time.monotonic() - started, 1))
         _record(run_dir, "failed", message)
         if multirun:
             return None
         raise
-    write_status(run_dir, "ok", None, summary=summary, wall_s=round(time.monotonic() - started, 1))
+    rundir.write_status(run_dir, "ok", None, summary=summary, wall_s=round(time.monotonic() - started, 1))
     _record(run_dir, "ok", None)
     return summary
 

@@ -16,17 +16,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from opd_cli import rundir
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("opd")
-DONE_MARKER = "DONE"
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """A directory that already holds a run is never overwritten silently."""
-    used = (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists()
-    if used and not cfg.resume and not cfg.overwrite:
+    if rundir.holds_run(run_dir, own_status=True) and not cfg.resume and not cfg.overwrite:
         raise OpdError(
             f"{run_dir} already holds a run; pass resume={run_dir} to continue it, overwrite=true to "
             f"replace it, or choose another hydra.run.dir"
@@ -39,7 +38,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if is_main():  # data-parallel ranks > 0 write nothing
         check_run_dir(cfg, run_dir)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(run_dir / rundir.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.stage == "opd":
         from opd_cli import distributed
         from opd_cli.stages import opd
@@ -57,22 +56,22 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
         summary = run_rlvr_stage(cfg, run_dir)
     else:  # validate() already rejects it; kept for a clear message if called directly
         raise OpdError(f"stage={cfg.stage!r} is not allowed; choose one of: opd, sft, rlvr")
-    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_json(run_dir / rundir.SUMMARY, summary)
     log.info("results: %s", run_dir)
     print(f"results: {run_dir}")
     return summary
 
 
-def sft_stabilization(cfg: DictConfig, run_dir: Path, out_name: str = "sft_student") -> str:
+def sft_stabilization(cfg: DictConfig, run_dir: Path, out_name: str = rundir.SFT_STUDENT) -> str:
     """SFT the student on verifier-filtered teacher traces (or reference solutions); returns the new
     model directory. A finished stage (DONE marker) is reused when a killed run resumes."""
     out = run_dir / out_name
-    if (out / DONE_MARKER).exists():
+    if (out / rundir.DONE).exists():
         log.info("stabilization: reusing %s", out)
         return str(out)
     run_sft_stage(cfg, out)
-    atomic_write_text(out / DONE_MARKER, "ok\n")
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the finished model is out/ itself
+    atomic_write_text(out / rundir.DONE, "ok\n")
+    shutil.rmtree(out / rundir.CHECKPOINTS, ignore_errors=True)  # the finished model is out/ itself
     return str(out)
 
 
@@ -138,7 +137,7 @@ def _sft_examples(cfg: DictConfig, task, rows: list[dict], device) -> tuple[list
 def _sft_traces(cfg: DictConfig, out: Path, task, rows: list[dict], device) -> tuple[list, dict]:
     """The SFT examples, written once to `out/traces.json` (hours of generation at scale) and read back
     when a killed run resumes."""
-    saved = out / "traces.json"
+    saved = out / rundir.TRACES
     if cfg.resume and saved.is_file():
         data = json.loads(saved.read_text())
         log.info("stabilization: reusing %d traces from %s", len(data["examples"]), saved)
@@ -168,7 +167,7 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
     path = resolve_path(cfg.model.path, cfg)
     tokenizer = load_tokenizer(path)
     examples, stats = _sft_traces(cfg, out, task, train_rows, device)  # before the student takes the device
-    ckpt_root = out / "checkpoints"
+    ckpt_root = out / rundir.CHECKPOINTS
     # killed before its first checkpoint: the stage starts over (on the saved traces)
     ckpt, state = resume_point(ckpt_root, "sft", required=False) if cfg.resume else (None, None)
     if state is not None:
@@ -235,7 +234,7 @@ def run_sft_stage(cfg: DictConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    atomic_write_json(out / "sft_stats.json", stats)
+    atomic_write_json(out / rundir.SFT_STATS, stats)
     return stats
 
 
@@ -260,7 +259,7 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
     task, train_rows, eval_rows = load_task_and_data(cfg.task)
     path = resolve_path(cfg.model.path, cfg)
     tokenizer = load_tokenizer(path)
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run_dir / rundir.CHECKPOINTS
     ckpt, state = resume_point(ckpt_root, "rlvr") if cfg.resume else (None, None)
     model = load_model(ckpt or path, device, trainable=True)  # a checkpoint holds the weights so far
     if cfg.trainer.activation_checkpointing:  # recompute each layer in backward (generation is unaffected)
@@ -286,7 +285,7 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
         result = evaluate(
             engine, tokenizer, task, eval_rows[: e.size], prompt_ids, max_new_tokens=e.max_new_tokens
         )
-        atomic_write_json(run_dir / "eval" / f"step_{step:06d}.json", {**result, "step": step})
+        atomic_write_json(rundir.eval_path(run_dir, step), {**result, "step": step})
         tracker.log(step, headline(result))
         return result
 
@@ -334,7 +333,7 @@ def run_rlvr_stage(cfg: DictConfig, run_dir: Path) -> dict:
             final = run_eval(tc.steps)
             # the last checkpoint follows the final evaluation row, so a resume logs nothing twice
             save(tc.steps, {"step": tc.steps}, final_eval=final)
-        out = run_dir / "model"
+        out = run_dir / rundir.MODEL
         model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
         summary = {
@@ -374,10 +373,10 @@ def run_data_parallel(cfg: DictConfig, run_dir: Path) -> dict:
         raise RuntimeError(f"a data-parallel rank failed: {last}") from exc
     except ProcessExitedException as exc:
         raise OpdError(
-            f"a data-parallel rank exited ({exc}); see {run_dir}/opd.log (out of memory? lower "
+            f"a data-parallel rank exited ({exc}); see {run_dir}/{rundir.LOG} (out of memory? lower "
             f"trainer.prompts_per_step or trainer.nproc)"
         ) from exc
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+    return json.loads((Path(run_dir) / rundir.SUMMARY).read_text())
 
 
 def _rank_main(container: dict, run_dir: str) -> None:
@@ -386,7 +385,7 @@ def _rank_main(container: dict, run_dir: str) -> None:
 
     cfg = OmegaConf.create(container)
     if distributed.rank() == 0:  # the parent's Hydra log file receives rank 0's log
-        handler = logging.FileHandler(Path(run_dir) / "opd.log")
+        handler = logging.FileHandler(Path(run_dir) / rundir.LOG)
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(handler)
         logging.getLogger().setLevel(logging.INFO)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from opd_cli import rundir
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_text
 
@@ -72,32 +73,14 @@ class Job:
 
 
 # ------------------------------------------------------------------------------------------- loading
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut by a kill: the rest is still usable
-                continue
-    return rows
-
-
 def _job_dirs(root: Path) -> list[Path]:
-    if (root / "status.json").is_file() or (root / ".hydra").is_dir():
+    if rundir.is_job_dir(root):
         return [root]
-    found = []
-    for child in sorted(root.iterdir(), key=lambda p: (len(p.name), p.name)):
-        if child.is_dir() and ((child / "status.json").is_file() or (child / ".hydra").is_dir()):
-            found.append(child)
-    return found
+    return [
+        c
+        for c in sorted(root.iterdir(), key=lambda p: (len(p.name), p.name))
+        if c.is_dir() and rundir.is_job_dir(c)
+    ]
 
 
 def _cell_name(cfg: dict, overrides: list[str]) -> str:
@@ -109,17 +92,16 @@ def _cell_name(cfg: dict, overrides: list[str]) -> str:
 
 
 def load_job(path: Path) -> Job:
-    status = _read_json(path / "status.json")
-    cfg_path = path / "config.yaml"
+    status = rundir.read_status(path)
+    cfg_path = path / rundir.CONFIG
     if not cfg_path.is_file():
-        cfg_path = path / ".hydra" / "config.yaml"
+        cfg_path = path / rundir.HYDRA / rundir.CONFIG
     cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=False) if cfg_path.is_file() else {}
-    overrides_path = path / ".hydra" / "overrides.yaml"
+    overrides_path = path / rundir.OVERRIDES
     overrides = status.get("overrides") or (
         OmegaConf.to_container(OmegaConf.load(overrides_path)) if overrides_path.is_file() else []
     )
-    summary = _read_json(path / "summary.json") or (status.get("summary") or {})
-    evals = [_read_json(p) for p in sorted((path / "eval").glob("step_*.json"))]
+    summary = rundir.read_summary(path) or (status.get("summary") or {})
     return Job(
         path=path,
         status=status.get("status", "running" if cfg else "missing"),
@@ -129,8 +111,8 @@ def load_job(path: Path) -> Job:
         seed=cfg.get("seed"),
         cfg=cfg,
         summary=summary,
-        metrics=_read_jsonl(path / "metrics.jsonl"),
-        evals=[e for e in evals if e],
+        metrics=rundir.read_metrics(path),
+        evals=rundir.read_evals(path),
         wall_s=status.get("wall_s"),
     )
 

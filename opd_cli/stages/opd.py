@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from opd_cli import distributed, losses
+from opd_cli import distributed, losses, rundir
 from opd_cli.batching import ResponseForward, pack
 from opd_cli.checkpoint import resume_point, save_checkpoint, set_rng_state
 from opd_cli.diagnostics import CollapseDetector, loss_signals, rollout_signals
@@ -178,7 +178,7 @@ class OPDRun:
         self.base_eval: dict | None = None
         self.final_eval: dict | None = None  # the last evaluation, once the run has finished
         self.skipped_batches = 0
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = self.run_dir / rundir.CHECKPOINTS
         resume_state = self.restore() if cfg.resume else None
         self.engine = make_engine(
             cfg.rollout.engine,
@@ -497,7 +497,7 @@ class OPDRun:
         )
         result["step"] = self.step
         if distributed.is_main():  # every rank evaluates (a shared vLLM engine needs all), rank 0 writes
-            atomic_write_json(self.run_dir / "eval" / f"step_{self.step:06d}.json", result)
+            atomic_write_json(rundir.eval_path(self.run_dir, self.step), result)
         if self.base_eval is None:
             self.base_eval = result
         return result
