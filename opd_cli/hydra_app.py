@@ -18,13 +18,16 @@ import traceback
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-from opd_cli import rundir
+from opd_cli import distributed, rundir
 from opd_cli.config import register_configs, validate
 from opd_cli.errors import OpdError
+from opd_cli.stages import run_stage
 
 log = logging.getLogger("opd")
 
@@ -56,19 +59,13 @@ def _job(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    from opd_cli import distributed
-
     if not distributed.is_main():  # a torchrun rank > 0: rank 0 owns the run directory
         validate(cfg)
-        from opd_cli.pipeline import run_stage
-
         return run_stage(cfg, run_dir)
     rundir.write_status(run_dir, "running", job=hc.job.name, overrides=list(hc.overrides.task))
     started = time.monotonic()
     try:
         validate(cfg)
-        from opd_cli.pipeline import run_data_parallel, run_stage
-
         if cfg.overwrite and not cfg.resume:
             rundir.clear(run_dir)
         if cfg.trainer.nproc > 1 and not distributed.launched_by_torchrun():
@@ -132,3 +129,39 @@ def launch(args: list[str], conf_dir: Path, multirun: bool) -> int:
 
 def resolved_config(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_data_parallel(cfg: DictConfig, run_dir: Path) -> dict:
+    """`trainer.nproc=N` without torchrun: start N ranks on this machine (one process group, gloo on CPU,
+    nccl on GPUs), each running the stage; rank 0 writes the run directory. Returns rank 0's summary."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        distributed.spawn(cfg.trainer.nproc, _rank_main, container, str(run_dir))
+    except ProcessRaisedException as exc:
+        last = str(exc).strip().splitlines()[-1]
+        kind, _, message = last.partition(": ")
+        if kind.rsplit(".", 1)[-1] in ("OpdError", "UsageError", "ConfigError", "DataError", "PlanError"):
+            raise OpdError(message) from exc
+        raise RuntimeError(f"a data-parallel rank failed: {last}") from exc
+    except ProcessExitedException as exc:
+        raise OpdError(
+            f"a data-parallel rank exited ({exc}); see {run_dir}/{rundir.LOG} (out of memory? lower "
+            f"trainer.prompts_per_step or trainer.nproc)"
+        ) from exc
+    return json.loads((Path(run_dir) / rundir.SUMMARY).read_text())
+
+
+def _rank_main(container: dict, run_dir: str) -> None:
+    """One rank started by run_data_parallel: join the group, run the stage, leave the group."""
+    cfg = OmegaConf.create(container)
+    if distributed.rank() == 0:  # the parent's Hydra log file receives rank 0's log
+        handler = logging.FileHandler(Path(run_dir) / rundir.LOG)
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+    wants_cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+    distributed.init_from_env("cuda" if wants_cuda else "cpu")
+    try:
+        run_stage(cfg, Path(run_dir))
+    finally:
+        distributed.shutdown()

@@ -509,7 +509,6 @@ def test_rlvr_stage_resumes_from_its_last_checkpoint_to_the_same_teacher(tmp_pat
 def test_sft_stage_resumes_from_its_last_checkpoint_on_the_saved_traces(models, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import opd_cli.pipeline as pipeline
     import opd_cli.stages.sft as sft
 
     def args(run_dir: Path) -> list[str]:
@@ -544,7 +543,7 @@ def test_sft_stage_resumes_from_its_last_checkpoint_on_the_saved_traces(models, 
     def no_new_traces(*a, **kw):
         raise AssertionError("a resumed SFT stage wrote its traces again")
 
-    monkeypatch.setattr(pipeline, "_sft_examples", no_new_traces)
+    monkeypatch.setattr(sft, "teacher_traces", no_new_traces)
     res = opd_inprocess(f"resume={killed}")
     assert res.exit_code == 0, res.output
     stats = [json.loads((d / "model" / "sft_stats.json").read_text()) for d in (full, killed)]

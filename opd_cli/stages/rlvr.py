@@ -1,4 +1,13 @@
-"""RLVR: GRPO with the task's verifier as the reward (builds the RLVR-adapted teacher).
+"""The RLVR stage: GRPO with the task's verifier as the reward (builds the RLVR-adapted teacher).
+
+    opd run stage=rlvr trainer.steps=100               # GRPO on the testbed: the teacher in <run dir>/model
+    opd run experiment=qwen3_rlvr_teacher              # the Qwen3 RLVR teacher of the scale recipes
+    opd run stage=rlvr resume=outputs/<date>/<time>    # continue a killed stage from its last checkpoint
+
+Setup -> train -> save: the policy (`model.path`) and its rollout engine; an evaluation at step 0;
+`grpo_train` below; the final evaluation; the model in `<run dir>/model`, usable as `teacher.path`.
+
+`grpo_train` is also the testbed's builder of its RLVR teacher (opd_cli/testbed):
 
     from opd_cli.stages.rlvr import grpo_train
     engine = make_engine("hf", model_dir, model=model)
@@ -27,16 +36,141 @@ No KL to a reference model: with a verifiable reward and a few hundred steps it 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from opd_cli import rundir
 from opd_cli.batching import micro_batches, pack, response_hidden_and_logits, token_logprobs
-from opd_cli.learner import Learner
-from opd_cli.rollout.base import RolloutEngine, SamplingConfig, derive_seed
+from opd_cli.checkpoint import resume_point, save_checkpoint, set_rng_state
+from opd_cli.errors import OpdError
+from opd_cli.io import atomic_write_json
+from opd_cli.learner import Learner, autocast_dtype, load_model, load_tokenizer, pick_device
+from opd_cli.rollout.base import RolloutEngine, SamplingConfig, derive_seed, make_engine
+from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
+from opd_cli.stages.evaluate import evaluate, headline
 from opd_cli.stages.sft import _progress, prompt_ids
 from opd_cli.tasks.base import Row, Task
+from opd_cli.teachers import PromptBuilder, chat_prompt_ids
+from opd_cli.tracking import Tracker
+
+log = logging.getLogger("opd")
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """GRPO on the task's verifier reward; the result in `run_dir/model` is a `teacher.path` for OPD."""
+    if cfg.rollout.n < 2:
+        raise OpdError(
+            f"stage=rlvr needs rollout.n >= 2 samples per prompt (GRPO normalizes rewards within a "
+            f"group), got rollout.n={cfg.rollout.n}"
+        )
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.trainer.device)
+    task, train_rows, eval_rows = load_task_and_data(cfg.task)
+    path = resolve_path(cfg.model.path, cfg)
+    tokenizer = load_tokenizer(path)
+    ckpt_root = run_dir / rundir.CHECKPOINTS
+    ckpt, state = resume_point(ckpt_root, "rlvr") if cfg.resume else (None, None)
+    model = load_model(ckpt or path, device, trainable=True)  # a checkpoint holds the weights so far
+    if cfg.trainer.activation_checkpointing:  # recompute each layer in backward (generation is unaffected)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if state is not None:
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", ckpt, state["step"])
+    engine = make_engine(cfg.rollout.engine, path, device=device.type, model=model)
+    tracker = Tracker(
+        run_dir,
+        OmegaConf.to_container(cfg, resolve=True),
+        cfg.logger,
+        resume_step=None if state is None else state["step"],
+    )
+
+    def prompt_ids(row, system_prompt):
+        return chat_prompt_ids(
+            tokenizer, PromptBuilder(task, system_prompt).messages(row), cfg.model.enable_thinking
+        )
+
+    def run_eval(step: int) -> dict:
+        e = cfg.eval
+        result = evaluate(
+            engine, tokenizer, task, eval_rows[: e.size], prompt_ids, max_new_tokens=e.max_new_tokens
+        )
+        atomic_write_json(rundir.eval_path(run_dir, step), {**result, "step": step})
+        tracker.log(step, headline(result))
+        return result
+
+    tc = cfg.trainer
+
+    def save(step: int, loop_state: dict, **extra) -> None:
+        trainer_state = {"stage": "rlvr", "start_eval": start, **loop_state, **extra}
+        save_checkpoint(ckpt_root, step, model, tokenizer, trainer_state)
+
+    try:
+        start = run_eval(0) if state is None else state["start_eval"]
+        if state is not None and "final_eval" in state:  # killed after its last checkpoint
+            final = state["final_eval"]
+        else:
+            grpo_train(
+                model,
+                tokenizer,
+                task,
+                train_rows,
+                engine=engine,
+                steps=tc.steps,
+                prompts_per_step=tc.prompts_per_step,
+                samples_per_prompt=cfg.rollout.n,
+                lr=tc.lr,
+                clip_eps=tc.clip_eps,
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                seed=cfg.seed,
+                warmup_ratio=tc.warmup_ratio,
+                schedule=tc.schedule,
+                weight_decay=tc.weight_decay,
+                grad_clip=tc.grad_clip,
+                progress=False,
+                log_fn=lambda step, m: tracker.log(step, {k: v for k, v in m.items() if k != "step"}),
+                log_every=1,
+                enable_thinking=cfg.model.enable_thinking,
+                save_every=tc.save_every,
+                on_checkpoint=save,
+                start_state=state,
+                micro_batch_size=tc.micro_batch_size,
+                chunk_size=cfg.loss.chunk_size,
+                amp_dtype=autocast_dtype(device, cfg.model.dtype),
+            )
+            final = run_eval(tc.steps)
+            # the last checkpoint follows the final evaluation row, so a resume logs nothing twice
+            save(tc.steps, {"step": tc.steps}, final_eval=final)
+        out = run_dir / rundir.MODEL
+        model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        summary = {
+            "model": str(out),
+            "start_accuracy": start["main"]["accuracy"],
+            "final_accuracy": final["main"]["accuracy"],
+            "steps": tc.steps,
+        }
+        tracker.summary(summary)
+        log.info(
+            "rlvr: accuracy %.3f -> %.3f; use teacher=rlvr teacher.path=%s",
+            summary["start_accuracy"],
+            summary["final_accuracy"],
+            out,
+        )
+        return summary
+    finally:
+        engine.close()
+        tracker.finish()
+
+
+# ------------------------------------------------------------------------------------------- the loop
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -1,4 +1,22 @@
-"""Supervised fine-tuning: cross-entropy on response tokens only.
+"""The SFT stage: supervised fine-tuning of the student on verifier-filtered teacher traces (or the rows'
+reference solutions), alone or as OPD's stabilization.
+
+    opd run stage=sft                                   # only the SFT stage: the student in <run dir>/model
+    opd run model=student_base stabilization=sft        # SFT on verified teacher traces, then OPD
+    opd run experiment=opd_base_sft_then_opd            # the matrix cell that does so
+    opd run stage=sft resume=outputs/<date>/<time>      # continue a killed SFT stage
+
+Setup -> train -> save:
+1. traces: the teacher (`stabilization.trace_model`, else `teacher.path`) answers `stabilization.num_traces`
+   training prompts through the rollout engine; the answers the task's verifier accepts (correct, well
+   formed, finished) are the examples (`stabilization.source=reference`: the rows' own solutions). They
+   are written once to `traces.json`, so a resumed stage never regenerates them;
+2. train: `sft_train` below, cross-entropy on response tokens only, checkpoints every
+   `trainer.save_every` steps (`checkpoints/`, removed once the stage is done);
+3. save: the model and tokenizer, `sft_stats.json` (traces kept, NLL on held-out traces before/after)
+   and, as OPD's stabilization, a DONE marker so a resumed run reuses the finished student.
+
+`sft_train` is also the testbed's trainer (its pretraining and its SFT student, opd_cli/testbed):
 
     from opd_cli.stages.sft import sft_train
     sft_train(model, tokenizer, [(task.messages(row), row["solution"]) for row in rows],
@@ -17,15 +35,194 @@ its target accuracy band).
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
+from opd_cli import rundir
 from opd_cli.batching import micro_batches, pack, response_hidden_and_logits, token_logprobs
-from opd_cli.learner import Learner
+from opd_cli.checkpoint import resume_point, save_checkpoint, set_rng_state
+from opd_cli.errors import OpdError
+from opd_cli.io import atomic_write_json, atomic_write_text
+from opd_cli.learner import Learner, autocast, autocast_dtype, load_model, load_tokenizer, pick_device
+from opd_cli.rollout.base import SamplingConfig, derive_seed, make_engine
+from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
+from opd_cli.teachers import chat_prompt_ids
 
+log = logging.getLogger("opd")
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def stabilize(cfg: DictConfig, run_dir: Path, out_name: str = rundir.SFT_STUDENT) -> str:
+    """SFT the student on verifier-filtered teacher traces (or reference solutions); returns the new
+    model directory. A finished stage (DONE marker) is reused when a killed run resumes."""
+    out = run_dir / out_name
+    if (out / rundir.DONE).exists():
+        log.info("stabilization: reusing %s", out)
+        return str(out)
+    run(cfg, out)
+    atomic_write_text(out / rundir.DONE, "ok\n")
+    shutil.rmtree(out / rundir.CHECKPOINTS, ignore_errors=True)  # the finished model is out/ itself
+    return str(out)
+
+
+def teacher_traces(cfg: DictConfig, task, rows: list[dict], device) -> tuple[list, dict]:
+    """(examples, stats): verifier-filtered teacher traces, or the rows' reference solutions."""
+
+    st = cfg.stabilization
+    rows = rows[: st.num_traces]
+    if st.source == "reference":
+        return [(task.messages(r), r["solution"]) for r in rows], {"traces": len(rows), "kept": len(rows)}
+    teacher_path = resolve_path(st.trace_model or cfg.teacher.path, cfg)
+    tok = load_tokenizer(teacher_path)
+    thinking = cfg.teacher.get("enable_thinking")
+    thinking = cfg.model.enable_thinking if thinking is None else thinking  # the trace writer's template
+    prompts = [chat_prompt_ids(tok, task.messages(r), thinking) for r in rows]
+    # The traces come from the rollout engine: vLLM at scale (20k traces of thousands of tokens), HF on
+    # the testbed. The engine is closed before the student is loaded for training.
+    if cfg.rollout.engine == "vllm":
+        engine = make_engine(
+            "vllm",
+            teacher_path,
+            device=device.type,
+            dtype="bfloat16" if device.type == "cuda" else "float32",
+            seed=cfg.seed,
+            max_model_len=cfg.rollout.max_model_len,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        )
+    else:
+        teacher = load_model(teacher_path, device, trainable=False)
+        engine = make_engine("hf", teacher_path, device=device.type, model=teacher)
+    try:
+        groups = engine.generate(
+            prompts,
+            SamplingConfig(
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                max_new_tokens=cfg.eval.max_new_tokens,
+            ),
+            derive_seed(cfg.seed, 424242),
+        )
+    finally:
+        engine.close()
+    examples = []
+    for row, group in zip(rows, groups, strict=True):
+        text = tok.decode(group[0].response_ids, skip_special_tokens=True)
+        verdict = task.verify(row, text)
+        if verdict.correct and verdict.well_formed and group[0].finish_reason == "stop":
+            examples.append((task.messages(row), text))
+    if not examples:
+        raise OpdError(
+            "stabilization=sft: no teacher trace passed the verifier; check the teacher "
+            "(teacher.path) or use stabilization.source=reference"
+        )
+    return examples, {"traces": len(rows), "kept": len(examples)}
+
+
+def saved_traces(cfg: DictConfig, out: Path, task, rows: list[dict], device) -> tuple[list, dict]:
+    """The SFT examples, written once to `out/traces.json` (hours of generation at scale) and read back
+    when a killed run resumes."""
+    saved = out / rundir.TRACES
+    if cfg.resume and saved.is_file():
+        data = json.loads(saved.read_text())
+        log.info("stabilization: reusing %d traces from %s", len(data["examples"]), saved)
+        return [(m, r) for m, r in data["examples"]], data["stats"]
+    examples, stats = teacher_traces(cfg, task, rows, device)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(saved, {"examples": [[m, r] for m, r in examples], "stats": stats})
+    return examples, stats
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    """SFT the configured student (`model.path`) and save it, with its tokenizer, to `out`.
+
+    Checkpoints go to `out/checkpoints` every `trainer.save_every` steps; with `resume=` a killed stage
+    continues from the last one, on the traces it wrote before (`out/traces.json`)."""
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.trainer.device)
+    task, train_rows, _ = load_task_and_data(cfg.task)
+    path = resolve_path(cfg.model.path, cfg)
+    tokenizer = load_tokenizer(path)
+    examples, stats = saved_traces(cfg, out, task, train_rows, device)  # before the student takes the device
+    ckpt_root = out / rundir.CHECKPOINTS
+    # killed before its first checkpoint: the stage starts over (on the saved traces)
+    ckpt, state = resume_point(ckpt_root, "sft", required=False) if cfg.resume else (None, None)
+    if state is not None:
+        set_rng_state(state["rng"])
+        stats["nll_before"] = state["nll_before"]
+        log.info("stabilization: resumed from %s at step %d", ckpt, state["step"])
+    model = load_model(ckpt or path, device, trainable=True)
+    if cfg.trainer.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    amp_dtype = autocast_dtype(device, cfg.model.dtype)
+    micro, chunk = cfg.trainer.micro_batch_size, cfg.loss.chunk_size
+    held_out = tokenize_examples(
+        tokenizer, examples[-min(256, max(1, len(examples) // 8)) :], cfg.model.enable_thinking
+    )
+
+    def nll() -> float:
+        """Mean NLL of the held-out traces, `trainer.micro_batch_size` sequences at a time."""
+        n = sum(len(r) for _, r in held_out)
+        total = 0.0
+        with torch.no_grad(), autocast(device, amp_dtype):
+            for part in micro_batches(held_out, micro):
+                batch = pack([p for p, _ in part], [r for _, r in part], tokenizer.pad_token_id).to(device)
+                total += float(response_nll(model, batch, chunk, n_tokens=n)[0])
+        return total
+
+    if state is None:
+        stats["nll_before"] = nll()
+    st = cfg.stabilization
+
+    def save(step: int, loop_state: dict) -> None:
+        extra = {"stage": "sft", "nll_before": stats["nll_before"]}
+        save_checkpoint(ckpt_root, step, model, tokenizer, {**loop_state, **extra})
+
+    final = sft_train(
+        model,
+        tokenizer,
+        examples,
+        steps=st.steps,
+        batch_size=st.batch_size,
+        lr=st.lr,
+        warmup_ratio=st.warmup_ratio,
+        schedule=st.schedule,
+        seed=cfg.seed,
+        device=device,
+        progress=False,
+        log_fn=lambda step, m: log.info("sft step %d loss %.4f", step, m["loss"]),
+        enable_thinking=cfg.model.enable_thinking,
+        micro_batch_size=micro,
+        chunk_size=chunk,
+        amp_dtype=amp_dtype,
+        save_every=cfg.trainer.save_every,
+        on_checkpoint=save,
+        start_state=state,
+    )
+    stats["nll_after"] = nll()
+    stats["final_loss"] = final.get("loss")
+    log.info(
+        "stabilization sft: %d/%d traces kept; student NLL on teacher traces %.3f -> %.3f",
+        stats["kept"],
+        stats["traces"],
+        stats["nll_before"],
+        stats["nll_after"],
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    atomic_write_json(out / rundir.SFT_STATS, stats)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------- the loop
 Example = tuple[list[dict], str]
 
 
@@ -33,8 +230,6 @@ def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool = False) -
     """Token ids of the chat prompt with the generation prompt appended, as the OPD student sees it
     (same template, same `enable_thinking`). An empty message list (generic pretraining text) gives the
     generation prompt alone, e.g. the single token `<|assistant|>`."""
-    from opd_cli.teachers import chat_prompt_ids
-
     if messages:
         return chat_prompt_ids(tokenizer, messages, enable_thinking)
     # transformers refuses an empty conversation: take the generation prompt as the suffix it adds
