@@ -72,7 +72,7 @@ def _compose(model: Path, *extra: str):
     """A job config as `opd run` hands it to the stages (Hydra's own node removed, as in a job)."""
     from omegaconf import open_dict
 
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
 
     cfg = compose(
         [

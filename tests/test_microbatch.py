@@ -40,7 +40,7 @@ def one_step(models, tmp_path: Path, overrides: list[str], rollouts: dict | None
     OPD step; `rollouts` from an earlier call are replayed instead of sampled."""
     from omegaconf import open_dict
 
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.stages.opd import OPDRun
 
     cfg = compose(base(models, *overrides))
@@ -163,8 +163,8 @@ def test_teacher_dtype(models, tmp_path):
 
 
 def test_micro_batch_size_validation():
-    from opd_cli.cli import compose
     from opd_cli.config import ConfigError
+    from opd_cli.launch import compose
 
     with pytest.raises(ConfigError) as err:
         compose(["trainer.micro_batch_size=-1"])
@@ -176,7 +176,7 @@ def test_micro_batch_size_validation():
 
 
 def test_plan_shrinks_per_micro_batch(tmp_path):
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.plan import GIB, memory_plan
 
     def plan(*extra):
@@ -322,7 +322,7 @@ def test_micro_batched_chunked_grpo_equals_the_whole_batch_grpo():
 
 
 def test_plan_of_the_grpo_teacher_recipe_has_no_teacher_and_fits():
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.plan import check_fit, format_plan, memory_plan
 
     plan = memory_plan(compose(["experiment=qwen3_rlvr_teacher", "trainer.device_memory_gb=80"]))

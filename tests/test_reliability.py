@@ -22,7 +22,8 @@ import torch
 from click.testing import CliRunner
 
 from opd_cli.checkpoint import latest_checkpoint, load_trainer_state
-from opd_cli.cli import claim_dir, main, release_claims
+from opd_cli.cli import main
+from opd_cli.launch import claim_dir, release_claims
 
 TINY = [
     "trainer.prompts_per_step=4",
@@ -201,7 +202,7 @@ def test_runs_started_at_the_same_moment_get_distinct_directories(models, tmp_pa
 def test_an_explicit_directory_held_by_a_running_process_is_refused(models, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from opd_cli.cli import claim_dir; from pathlib import Path;"
+        [sys.executable, "-c", "import sys, time; from opd_cli.launch import claim_dir; from pathlib import Path;"
          f"claim_dir(Path({str(run_dir)!r}), explicit=True); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE,
         text=True,

@@ -1,6 +1,6 @@
 """Evaluation: math accuracy and system-prompt internalization, through the same rollout engines.
 
-    opd eval checkpoint=outputs/.../checkpoints/step_000100            # see opd_cli/commands.py
+    opd eval checkpoint=outputs/.../checkpoints/step_000100            # the command: opd_cli/cli.py
 
 Accuracy is greedy exact-match by the task's verifier (math-verify for real math data), plus, with
 `eval.samples=n`, sampled avg@n and the unbiased pass@k. The report always carries mean response length,
