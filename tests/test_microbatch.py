@@ -271,7 +271,7 @@ def test_chunked_token_logprobs_equal_the_full_log_softmax():
 def _grpo(micro: int, chunk: int, checkpointing: bool) -> tuple[dict, dict]:
     """Two GRPO steps on the shipped SFT student (it solves some prompts, so groups carry signal)."""
     from opd_cli.learner import load_model, load_tokenizer
-    from opd_cli.rollout.base import make_engine
+    from opd_cli.rollout import make_engine
     from opd_cli.stages.rlvr import grpo_train
     from opd_cli.tasks import make_task
     from opd_cli.testbed.paths import resolve_model_path

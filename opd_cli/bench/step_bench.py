@@ -39,7 +39,7 @@ from opd_cli.launch import compose
 from opd_cli.learner import load_tokenizer
 from opd_cli.stages.common import load_task_and_data
 from opd_cli.stages.opd import OPDRun
-from opd_cli.teachers import PromptBuilder, chat_prompt_ids
+from opd_cli.teachers import student_prompt_ids
 from opd_cli.testbed.paths import resolve_model_path
 
 ENGINES = ("vllm", "hf", "trl")
@@ -273,7 +273,8 @@ def _bench_prompts(batch: int, max_new_tokens: int, run_dir: Path) -> list[list[
     cfg = compose([f"task.train_size={batch}", "task.eval_size=1"])
     task, rows, _ = load_task_and_data(cfg.task)
     tok = load_tokenizer(resolve_model_path("testbed:student_sft"))
-    return [chat_prompt_ids(tok, PromptBuilder(task).messages(r)) for r in rows]
+    prompt_ids = student_prompt_ids(tok, task, enable_thinking=False)
+    return [prompt_ids(r) for r in rows]
 
 
 def _one_turn(name: str, runner, contender: Contender, steps: int) -> None:

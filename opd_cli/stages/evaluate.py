@@ -17,8 +17,13 @@ from __future__ import annotations
 import logging
 import math
 
-from opd_cli.rollout.base import RolloutEngine, SamplingConfig
+import torch
+
+from opd_cli.learner import check_model_dir, load_tokenizer, pick_device
+from opd_cli.rollout import RolloutEngine, SamplingConfig
+from opd_cli.stages.common import load_task_and_data, resolve_path, rollout_engine
 from opd_cli.tasks.base import Row, Task
+from opd_cli.teachers import student_prompt_ids
 
 log = logging.getLogger("opd")
 TRUNCATION_WARNING = 0.05
@@ -182,35 +187,13 @@ def headline(result: dict) -> dict[str, float]:
 
 def evaluate_checkpoint(cfg, checkpoint: str, engine_kind: str) -> dict:
     """`opd eval`: load a Hugging Face checkpoint and evaluate it on the configured task's eval set."""
-    import torch
-
-    from opd_cli.learner import check_model_dir, load_tokenizer, pick_device
-    from opd_cli.rollout.base import make_engine
-    from opd_cli.stages.common import load_task_and_data, resolve_path
-    from opd_cli.teachers import PromptBuilder, chat_prompt_ids
-
     path = resolve_path(checkpoint, cfg)
     check_model_dir(path)
     device = pick_device(cfg.trainer.device)
     task, _, rows = load_task_and_data(cfg.task)
     tokenizer = load_tokenizer(path)
     dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    opts = (
-        {
-            "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
-            "max_model_len": cfg.rollout.max_model_len,
-            "seed": cfg.seed,
-        }
-        if engine_kind == "vllm"
-        else {}
-    )
-    engine = make_engine(engine_kind, path, device=device.type, dtype=dtype, **opts)
-
-    def prompt_ids(row, system_prompt):
-        return chat_prompt_ids(
-            tokenizer, PromptBuilder(task, system_prompt).messages(row), cfg.model.enable_thinking
-        )
-
+    engine = rollout_engine(cfg, path, device, dtype=dtype, kind=engine_kind)
     try:
         e = cfg.eval
         return evaluate(
@@ -218,7 +201,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, engine_kind: str) -> dict:
             tokenizer,
             task,
             rows[: e.size],
-            prompt_ids,
+            student_prompt_ids(tokenizer, task, cfg.model.enable_thinking),
             max_new_tokens=e.max_new_tokens,
             samples=e.samples,
             temperature=e.temperature,

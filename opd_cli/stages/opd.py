@@ -47,17 +47,16 @@ from opd_cli.learner import (
 )
 from opd_cli.losses_chunked import chunked_loss
 from opd_cli.progress import StepProgress
-from opd_cli.rollout.base import SamplingConfig, derive_seed, make_engine
-from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
-from opd_cli.stages.evaluate import evaluate, headline
-from opd_cli.teachers import (
-    PromptBuilder,
-    Teacher,
-    chat_prompt_ids,
-    check_same_vocabulary,
-    student_prompt_builder,
-    teacher_prompt_builder,
+from opd_cli.rollout import SamplingConfig, derive_seed
+from opd_cli.stages.common import (
+    load_task_and_data,
+    resolve_path,
+    rollout_engine,
+    seed_everything,
+    teacher_enable_thinking,
 )
+from opd_cli.stages.evaluate import evaluate, headline
+from opd_cli.teachers import Teacher, check_same_vocabulary, student_prompt_ids, teacher_prompt_builder
 from opd_cli.tracking import NullTracker, Tracker
 
 log = logging.getLogger("opd")
@@ -126,7 +125,10 @@ class OPDRun:
             teacher_path, t_device, trainable=False, dtype=weights_dtype(t_device, cfg.teacher.dtype)
         )
         check_same_vocabulary(self.tokenizer, teacher_tok, self.model, teacher_model)
-        self.student_prompts: PromptBuilder = student_prompt_builder(self.task, cfg.teacher)
+        # the student's prompts never show what the teacher's privileged information replaces
+        self.prompt_ids = student_prompt_ids(
+            self.tokenizer, self.task, cfg.model.enable_thinking, cfg.teacher
+        )
         self.teacher = Teacher(
             teacher_model,
             teacher_tok,
@@ -137,9 +139,7 @@ class OPDRun:
                 enabled=self.amp_dtype is not None and t_device.type == self.device.type,
             ),
             output_device=self.device,
-            enable_thinking=cfg.model.enable_thinking
-            if cfg.teacher.get("enable_thinking") is None
-            else cfg.teacher.enable_thinking,
+            enable_thinking=teacher_enable_thinking(cfg),
         )
         self.teacher.prompt_ids(self.train_rows[0])  # fail now, not at step 1, on a bad PI template
 
@@ -180,13 +180,13 @@ class OPDRun:
         self.skipped_batches = 0
         self.ckpt_root = self.run_dir / rundir.CHECKPOINTS
         resume_state = self.restore() if cfg.resume else None
-        self.engine = make_engine(
-            cfg.rollout.engine,
+        self.engine = rollout_engine(
+            cfg,
             student_path,
-            device=self.device.type,
+            self.device,
             dtype="bfloat16" if self.amp_dtype == torch.bfloat16 else "float32",
             model=self.model,
-            **self.engine_options(),
+            data_parallel=True,
         )
         if getattr(self.engine, "sync_fallback_reason", None):
             log.info("weight sync through reload_weights: %s", self.engine.sync_fallback_reason)
@@ -203,22 +203,6 @@ class OPDRun:
         )
 
     # ------------------------------------------------------------------------------------------ setup
-    def engine_options(self) -> dict:
-        if self.cfg.rollout.engine != "vllm":
-            return {}
-        r = self.cfg.rollout
-        options = {
-            "gpu_memory_utilization": r.gpu_memory_utilization,
-            "max_model_len": r.max_model_len,
-            "tensor_parallel_size": r.tensor_parallel_size,
-            "seed": self.cfg.seed,
-        }
-        if distributed.world_size() > 1:
-            # vLLM joins the learner's process group: each group of tensor_parallel_size ranks forms one
-            # engine (TRL's colocate mode); with tensor_parallel_size=1 every rank has its own engine.
-            options["distributed_executor_backend"] = "external_launcher"
-        return options
-
     def check_lengths(self) -> None:
         longest_prompt = max(len(self.prompt_ids(r)) for r in self.train_rows[:256])
         budget = longest_prompt + self.cfg.rollout.max_new_tokens
@@ -233,10 +217,6 @@ class OPDRun:
                 f"prompt + rollout.max_new_tokens = {budget} tokens > rollout.max_model_len="
                 f"{self.cfg.rollout.max_model_len}; raise rollout.max_model_len"
             )
-
-    def prompt_ids(self, row: dict, system_prompt: bool | None = None) -> list[int]:
-        builder = self.student_prompts if system_prompt is None else PromptBuilder(self.task, system_prompt)
-        return chat_prompt_ids(self.tokenizer, builder.messages(row), self.cfg.model.enable_thinking)
 
     def restore(self) -> int:
         ckpt, state = resume_point(self.ckpt_root, "opd")

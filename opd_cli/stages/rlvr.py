@@ -50,12 +50,12 @@ from opd_cli.checkpoint import resume_point, save_checkpoint, set_rng_state
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_json
 from opd_cli.learner import Learner, autocast_dtype, load_model, load_tokenizer, pick_device
-from opd_cli.rollout.base import RolloutEngine, SamplingConfig, derive_seed, make_engine
+from opd_cli.rollout import RolloutEngine, SamplingConfig, derive_seed, make_engine
 from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
 from opd_cli.stages.evaluate import evaluate, headline
 from opd_cli.stages.sft import _progress, prompt_ids
 from opd_cli.tasks.base import Row, Task
-from opd_cli.teachers import PromptBuilder, chat_prompt_ids
+from opd_cli.teachers import student_prompt_ids
 from opd_cli.tracking import Tracker
 
 log = logging.getLogger("opd")
@@ -90,10 +90,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         resume_step=None if state is None else state["step"],
     )
 
-    def prompt_ids(row, system_prompt):
-        return chat_prompt_ids(
-            tokenizer, PromptBuilder(task, system_prompt).messages(row), cfg.model.enable_thinking
-        )
+    prompt_ids = student_prompt_ids(tokenizer, task, cfg.model.enable_thinking)
 
     def run_eval(step: int) -> dict:
         e = cfg.eval

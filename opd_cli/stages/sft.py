@@ -52,8 +52,14 @@ from opd_cli.checkpoint import resume_point, save_checkpoint, set_rng_state
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_json, atomic_write_text
 from opd_cli.learner import Learner, autocast, autocast_dtype, load_model, load_tokenizer, pick_device
-from opd_cli.rollout.base import SamplingConfig, derive_seed, make_engine
-from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
+from opd_cli.rollout import SamplingConfig, derive_seed
+from opd_cli.stages.common import (
+    load_task_and_data,
+    resolve_path,
+    rollout_engine,
+    seed_everything,
+    teacher_enable_thinking,
+)
 from opd_cli.teachers import chat_prompt_ids
 
 log = logging.getLogger("opd")
@@ -82,24 +88,17 @@ def teacher_traces(cfg: DictConfig, task, rows: list[dict], device) -> tuple[lis
         return [(task.messages(r), r["solution"]) for r in rows], {"traces": len(rows), "kept": len(rows)}
     teacher_path = resolve_path(st.trace_model or cfg.teacher.path, cfg)
     tok = load_tokenizer(teacher_path)
-    thinking = cfg.teacher.get("enable_thinking")
-    thinking = cfg.model.enable_thinking if thinking is None else thinking  # the trace writer's template
-    prompts = [chat_prompt_ids(tok, task.messages(r), thinking) for r in rows]
+    # the trace writer's own prompt (teacher.enable_thinking), not the student's
+    prompts = [chat_prompt_ids(tok, task.messages(r), teacher_enable_thinking(cfg)) for r in rows]
     # The traces come from the rollout engine: vLLM at scale (20k traces of thousands of tokens), HF on
     # the testbed. The engine is closed before the student is loaded for training.
-    if cfg.rollout.engine == "vllm":
-        engine = make_engine(
-            "vllm",
-            teacher_path,
-            device=device.type,
-            dtype="bfloat16" if device.type == "cuda" else "float32",
-            seed=cfg.seed,
-            max_model_len=cfg.rollout.max_model_len,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        )
-    else:
-        teacher = load_model(teacher_path, device, trainable=False)
-        engine = make_engine("hf", teacher_path, device=device.type, model=teacher)
+    engine = rollout_engine(
+        cfg,
+        teacher_path,
+        device,
+        dtype="bfloat16" if device.type == "cuda" else "float32",
+        model=None if cfg.rollout.engine == "vllm" else load_model(teacher_path, device, trainable=False),
+    )
     try:
         groups = engine.generate(
             prompts,
