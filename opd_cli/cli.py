@@ -47,6 +47,7 @@ from opd_cli.plan import check_fit, format_plan, memory_plan  # noqa: E402
 from opd_cli.report import build_report, markdown_table, matrix_rows  # noqa: E402
 from opd_cli.stages.evaluate import evaluate_checkpoint, format_table  # noqa: E402
 from opd_cli.stages.probe import format_probe, run_probe  # noqa: E402
+from opd_cli.testbed.build import ensure_for_config  # noqa: E402
 from opd_cli.testbed.cli import testbed_group  # noqa: E402
 
 fail = exit_bad_input
@@ -196,6 +197,7 @@ def eval_cmd(overrides: tuple[str, ...], engine: str, out: str | None) -> None:
             )
         launch.prevalidate(rest, multirun=False, writes=False)
         cfg = launch.compose(rest)
+        ensure_for_config(cfg, ckpt[-1])
         result = evaluate_checkpoint(cfg, ckpt[-1], engine)
     except OpdError as exc:
         fail(str(exc))
@@ -225,7 +227,9 @@ def probe_cmd(overrides: tuple[str, ...], n: int, seed: int, out: str) -> None:
     """
     try:
         launch.prevalidate(list(overrides), multirun=False, writes=False)
-        result = run_probe(launch.compose(list(overrides)), n, seed)
+        cfg = launch.compose(list(overrides))
+        ensure_for_config(cfg)
+        result = run_probe(cfg, n, seed)
     except OpdError as exc:
         fail(str(exc))
     atomic_write_json(out, result)

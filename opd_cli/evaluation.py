@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 from opd_cli.rollout.base import RolloutEngine, SamplingConfig
+from opd_cli.rollout.hf_engine import HFEngine
+from opd_cli.stages.sft import prompt_ids
 from opd_cli.tasks.base import Row, Task
 
 
@@ -24,8 +26,6 @@ def greedy_responses(
 ) -> list:
     """One greedy Sample per prompt."""
     if engine is None:
-        from opd_cli.rollout.hf_engine import HFEngine
-
         engine = HFEngine(
             None, model=model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
         )
@@ -47,8 +47,6 @@ def greedy_accuracy(
 ) -> dict:
     """Greedy exact-match accuracy and format statistics. `messages_fn(row)` overrides the prompt
     (e.g. a teacher prompt carrying privileged information); default `task.messages(row, system_prompt)`."""
-    from opd_cli.stages.sft import prompt_ids
-
     if not rows:
         raise ValueError("greedy_accuracy: no rows")
     make = messages_fn or (lambda r: task.messages(r, system_prompt=system_prompt))

@@ -46,6 +46,7 @@ from opd_cli import distributed, rundir
 from opd_cli.config import explain_config_exception, register_configs, validate
 from opd_cli.errors import OpdError, UsageError, debug_mode
 from opd_cli.stages import run_stage
+from opd_cli.testbed.build import ensure_for_config
 
 MAX_PREVALIDATED_JOBS = 2000
 
@@ -326,6 +327,7 @@ def _job(cfg: DictConfig) -> dict | None:
     multirun = hc.mode == RunMode.MULTIRUN
     if not distributed.is_main():  # a torchrun rank > 0: rank 0 owns the run directory
         validate(cfg)
+        ensure_for_config(cfg)
         return run_stage(cfg, run_dir)
     rundir.write_status(run_dir, "running", job=hc.job.name, overrides=list(hc.overrides.task))
     started = time.monotonic()
@@ -333,6 +335,7 @@ def _job(cfg: DictConfig) -> dict | None:
         validate(cfg)
         if cfg.overwrite and not cfg.resume:
             rundir.clear(run_dir)
+        ensure_for_config(cfg)  # a missing testbed is built here, before any rank starts
         if cfg.trainer.nproc > 1 and not distributed.launched_by_torchrun():
             summary = run_data_parallel(cfg, run_dir)
         else:

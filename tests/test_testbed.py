@@ -15,7 +15,8 @@ from opd_cli.stages.rlvr import clipped_pg_loss, group_advantages, grpo_train
 from opd_cli.stages.sft import prompt_ids, sft_train
 from opd_cli.tasks import make_task
 from opd_cli.testbed import paths
-from opd_cli.testbed.build import RECIPE, config_hash, file_sha256, make_rows
+from opd_cli.testbed.builders import make_rows
+from opd_cli.testbed.recipe import RECIPE, config_hash, file_sha256
 from opd_cli.testbed.tokenizer import build_char_tokenizer
 
 ASSETS = paths.ASSETS_DIR
@@ -145,7 +146,7 @@ def test_shipped_models_load_and_generate(manifest):
 
 def test_student_sft_accuracy_reproduces(manifest):
     from opd_cli.evaluation import greedy_accuracy
-    from opd_cli.testbed.build import load
+    from opd_cli.testbed.builders import load
 
     rows = make_rows(manifest["recipe"], manifest["seed"])["arith"]["eval"]
     task = make_task("arith", digits=manifest["recipe"]["task"]["digits"])
@@ -209,15 +210,24 @@ def test_resolve_unknown_name_lists_allowed(tmp_path):
         assert f"testbed:{name}" in str(err.value)
 
 
-def test_resolve_builds_missing_testbed(tmp_path, monkeypatch):
+def test_ensure_builds_missing_testbed_and_resolve_names_the_build(tmp_path, monkeypatch):
+    """The commands build a missing testbed on first use (`build.ensure_for_config`, before a stage);
+    path resolution itself never builds, and says how to when a model is missing."""
     calls = []
     import opd_cli.testbed.build as build
+    from opd_cli.launch import compose
 
     monkeypatch.setattr(build, "build_testbed", lambda root: calls.append(root) or _fake_testbed(Path(root)))
     root = tmp_path / "empty"
     assert paths.testbed_status(root).startswith("not built")
-    assert paths.resolve_model_path("testbed:opsd_base", str(root)) == str(root / "opsd_base")
+    with pytest.raises(OpdError, match="opd testbed build"):
+        paths.resolve_model_path("testbed:opsd_base", str(root))
+    assert calls == []
+    build.ensure_for_config(compose([f"testbed_dir={root}", "model.path=/some/dir", "teacher.path=/other"]))
+    assert calls == []  # no testbed model named: nothing to build
+    build.ensure_for_config(compose([f"testbed_dir={root}", "model=opsd_base"]))
     assert calls == [root]
+    assert paths.resolve_model_path("testbed:opsd_base", str(root)) == str(root / "opsd_base")
 
 
 # ---- stages -------------------------------------------------------------------------------------------
@@ -276,7 +286,7 @@ def test_clipped_pg_loss():
 def test_grpo_train_one_step(tok):
     """Two GRPO steps on the shipped student: rollouts, rewards, informative groups, an update."""
     from opd_cli.rollout.hf_engine import HFEngine
-    from opd_cli.testbed.build import load
+    from opd_cli.testbed.builders import load
 
     if not (ASSETS / "student_sft" / "model.safetensors").is_file():
         pytest.fail("no shipped student_sft")

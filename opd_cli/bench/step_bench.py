@@ -40,6 +40,7 @@ from opd_cli.learner import load_tokenizer
 from opd_cli.stages.common import load_task_and_data
 from opd_cli.stages.opd import OPDRun
 from opd_cli.teachers import student_prompt_ids
+from opd_cli.testbed.build import ensure_testbed
 from opd_cli.testbed.paths import resolve_model_path
 
 ENGINES = ("vllm", "hf", "trl")
@@ -228,6 +229,7 @@ def run_step_bench(
     logging.getLogger("opd").setLevel(logging.WARNING)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    ensure_testbed()  # the bench's models are the testbed's (built on first use)
     tmp = Path(tempfile.mkdtemp(prefix="opd-bench-step-"))
     contenders: dict[str, Contender] = {}
     runners = {}

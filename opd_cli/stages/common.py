@@ -13,6 +13,7 @@ from opd_cli.data import DataError
 from opd_cli.errors import OpdError
 from opd_cli.rollout import RolloutEngine, make_engine
 from opd_cli.tasks import Task, make_task
+from opd_cli.testbed.paths import resolve_model_path
 
 
 def seed_everything(seed: int) -> None:
@@ -22,11 +23,8 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_path(spec: str, cfg: DictConfig) -> str:
-    """`testbed:<name>` -> the testbed's model directory (built on first use); anything else unchanged."""
-    if not str(spec).startswith("testbed:"):
-        return str(spec)
-    from opd_cli.testbed.paths import resolve_model_path
-
+    """`testbed:<name>` -> the testbed's model directory (launch builds a missing testbed before the stage
+    starts); anything else unchanged."""
     return resolve_model_path(spec, cfg.get("testbed_dir"))
 
 

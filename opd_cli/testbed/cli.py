@@ -11,6 +11,9 @@ import sys
 
 import click
 
+from opd_cli.testbed.build import build_testbed
+from opd_cli.testbed.paths import load_manifest, missing_models, testbed_dir
+
 COLUMNS = (
     "accuracy",
     "well_formed",
@@ -50,9 +53,6 @@ def build_cmd(out: str | None, seed: int, force: bool) -> None:
     """
     import logging
 
-    from opd_cli.testbed.build import build_testbed
-    from opd_cli.testbed.paths import testbed_dir
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = build_testbed(testbed_dir(out), seed=seed, force=force, progress=True)
     click.echo(format_manifest(manifest))
@@ -73,8 +73,6 @@ def status_cmd(directory: str | None) -> None:
     Example:
       opd testbed status
     """
-    from opd_cli.testbed.paths import load_manifest, missing_models, testbed_dir
-
     root = testbed_dir(directory)
     manifest = load_manifest(root)
     if manifest is None:
