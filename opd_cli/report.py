@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from opd_cli import rundir
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_text
+from opd_cli.report_plots import write_plots
 
 DELTA = 0.05  # 5 accuracy points: ~1.5 binomial standard errors on 200 problems at p = 0.7
 INTERNALIZED = 0.5  # internalization score: half of the with/without-rule gap closed
@@ -473,8 +474,6 @@ def build_report(roots: list[Path], out_dir: Path, plots: bool = True) -> tuple[
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_files = []
     if plots:
-        from opd_cli.report_plots import write_plots
-
         plot_files = write_plots(cells, out_dir)
     report = Report(cells=cells, jobs=jobs, comparisons=comparisons(cells), plots=plot_files)
     title = "opd matrix report"
