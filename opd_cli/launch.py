@@ -51,15 +51,23 @@ from opd_cli.testbed.build import ensure_for_config
 MAX_PREVALIDATED_JOBS = 2000
 
 
+CONF_ENV = "OPD_CONF_DIR"
+INSTALLED_CONF = Path(__file__).resolve().parent / "conf"  # package data of a wheel / `pip install .`
+REPOSITORY_CONF = Path(__file__).resolve().parent.parent / "conf"  # a checkout (editable install)
+
+
 def conf_dir() -> Path:
-    """The `conf/` tree: $OPD_CONF_DIR, else the repository's `conf/` next to the package."""
-    env = os.environ.get("OPD_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
-    if not (path / "config.yaml").is_file():
-        raise UsageError(
-            f"config tree not found at {path}; set OPD_CONF_DIR to the directory holding config.yaml"
-        )
-    return path
+    """The `conf/` tree: $OPD_CONF_DIR, else the copy installed with the package (`opd_cli/conf`), else
+    the repository's `conf/` next to the package."""
+    env = os.environ.get(CONF_ENV)
+    candidates = [Path(env)] if env else [INSTALLED_CONF, REPOSITORY_CONF]
+    for path in candidates:
+        if (path / "config.yaml").is_file():
+            return path
+    raise UsageError(
+        f"config tree not found at {' or '.join(map(str, candidates))}; set {CONF_ENV} to the directory "
+        f"holding config.yaml"
+    )
 
 
 # ------------------------------------------------------------------------------------ the command line
