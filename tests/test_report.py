@@ -11,7 +11,8 @@ import pytest
 import yaml
 from conftest import run_opd
 
-from opd_cli.report import build_report, job_verdict
+from opd_cli.report import build_report
+from opd_cli.verdicts import job_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd_cli import rundir
-from opd_cli.report import load_jobs
+from opd_cli.verdicts import load_jobs
 
 TARGET_MIN_PER_SEED = 20.0  # the target: one seed of the full matrix in under 20 minutes
 
