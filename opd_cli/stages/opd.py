@@ -21,7 +21,6 @@ positions) produces the same batches as one process.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -282,6 +281,7 @@ class OPDRun:
         return [by_index[i] for i in indices]
 
     def train_step(self) -> dict[str, float]:
+        """One step: rollout -> grade -> teacher score -> loss -> optimizer step -> weight sync."""
         cfg = self.cfg
         rows = batch_rows(self.train_rows, self.step, cfg.seed, cfg.trainer.prompts_per_step)
         indices = distributed.local_indices(len(rows))  # this rank's share of the global batch
@@ -292,19 +292,7 @@ class OPDRun:
         samples = [s for g in groups for s in g]
         sample_rows = [r for r, g in zip(rows, groups, strict=True) for _ in g]
         responses = [s.response_ids for s in samples]
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        verdicts = [self.task.verify(r, t) for r, t in zip(sample_rows, texts, strict=True)]
-        correct = [v.correct for v in verdicts]
-        # The step's signals describe the global batch: every rank sees every rank's rollouts.
-        graded = iter(zip(texts, verdicts, strict=True))
-        mine = [[(s.response_ids, s.finish_reason, *next(graded)) for s in g] for g in groups]
-        flat = [x for g in distributed.interleave(distributed.all_gather_objects(mine)) for x in g]
-        all_responses = [x[0] for x in flat]
-        all_correct = [x[3].correct for x in flat]
-        metrics = rollout_signals(
-            all_responses, [x[2] for x in flat], [x[1] for x in flat], self.hedging, all_correct
-        )
-        metrics["rollout_well_formed"] = sum(x[3].well_formed for x in flat) / len(flat)
+        correct, metrics, all_responses = self.grade(groups, sample_rows)
         t1 = time.perf_counter()
         if not any(all_responses):
             self.skipped_batches += 1
@@ -315,9 +303,64 @@ class OPDRun:
             )
             return {**metrics, "skipped_batches": self.skipped_batches}
 
+        diagnose = cfg.loss.chunk_size <= 0 and (self.step + 1) % cfg.diagnostics.every == 0
+        # teacher scoring and the loss's forward/backward, interleaved per micro-batch
+        loss_value, cosine, teacher_time, per_token, masks = self.score_and_backward(
+            samples, sample_rows, responses, diagnose
+        )
+        metrics.update(self.global_loss_signals(*merge_micro_batches(per_token, masks), correct))
+        world = distributed.world_size()
+        if diagnose:  # with several ranks: the mean of the ranks' cosines
+            n_local = max(float(sum(len(r) for r in responses)), 1.0)
+            metrics["grad_cosine_to_full_rkl"] = (
+                distributed.all_reduce_sum(cosine / n_local, self.device) / world
+            )
+        metrics["loss"] = distributed.all_reduce_sum(loss_value, self.device) / world
+        metrics.update(self.learner.step())
+        t3 = time.perf_counter()
+        t2 = t1 + teacher_time
+        sync = self.engine.sync_weights(self.model)
+        t4 = time.perf_counter()
+        metrics.update(
+            {
+                "time/rollout": t1 - t0,
+                "time/teacher": t2 - t1,
+                "time/learner": t3 - t2,
+                "time/sync": t4 - t3,
+                "time/step": t4 - t0,
+                "time/sync_fraction": sync / (t4 - t0),
+                "tokens": sum(len(r) for r in all_responses),
+            }
+        )
+        return metrics
+
+    def grade(self, groups: list[list], sample_rows: list[dict]) -> tuple[list[bool], dict, list[list[int]]]:
+        """(this rank's correctness per sample, the rollout signals of the global batch, the global
+        batch's responses): every rank sees every rank's graded rollouts."""
+        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for g in groups for s in g]
+        verdicts = [self.task.verify(r, t) for r, t in zip(sample_rows, texts, strict=True)]
+        graded = iter(zip(texts, verdicts, strict=True))
+        mine = [[(s.response_ids, s.finish_reason, *next(graded)) for s in g] for g in groups]
+        flat = [x for g in distributed.global_batch(mine) for x in g]
+        all_responses = [x[0] for x in flat]
+        metrics = rollout_signals(
+            all_responses,
+            [x[2] for x in flat],
+            [x[1] for x in flat],
+            self.hedging,
+            [x[3].correct for x in flat],
+        )
+        metrics["rollout_well_formed"] = sum(x[3].well_formed for x in flat) / len(flat)
+        return [v.correct for v in verdicts], metrics, all_responses
+
+    def score_and_backward(self, samples, sample_rows, responses, diagnose: bool):
+        """Per micro-batch: the teacher scores the responses, the student's loss is computed and
+        back-propagated (gradients accumulate into the step's one update). Returns (the loss's share of
+        this rank, the token-weighted gradient cosine to the full reverse KL, teacher seconds, the
+        micro-batches' per-token diagnostics and masks)."""
+        cfg = self.cfg
         kwargs = loss_kwargs(cfg.loss)
         chunked = cfg.loss.chunk_size > 0
-        diagnose = not chunked and (self.step + 1) % cfg.diagnostics.every == 0
         world = distributed.world_size()
         # The loss of each micro-batch is a mean over its own tokens (or sequences); rescaled by its count
         # x W / global count, the accumulated gradient (averaged over ranks by DDP) is the gradient of the
@@ -364,31 +407,7 @@ class OPDRun:
                     )
                 )
             del teacher_out, batch, out, anchor, logits, scaled  # before the next micro-batch allocates
-        metrics.update(self.global_loss_signals(*merge_micro_batches(per_token, masks), correct))
-        if diagnose:  # with several ranks: the mean of the ranks' cosines
-            n_local = max(float(sum(len(r) for r in responses)), 1.0)
-            metrics["grad_cosine_to_full_rkl"] = (
-                distributed.all_reduce_sum(cosine / n_local, self.device) / world
-            )
-        metrics["loss"] = distributed.all_reduce_sum(loss_value, self.device) / world
-        metrics.update(self.learner.step())
-        t3 = time.perf_counter()
-        t2 = t1 + teacher_time  # teacher scoring is interleaved with the learner's micro-batches
-        sync = self.engine.sync_weights(self.model)
-        t4 = time.perf_counter()
-        total_time = t4 - t0
-        metrics.update(
-            {
-                "time/rollout": t1 - t0,
-                "time/teacher": t2 - t1,
-                "time/learner": t3 - t2,
-                "time/sync": t4 - t3,
-                "time/step": total_time,
-                "time/sync_fraction": sync / total_time,
-                "tokens": sum(len(r) for r in all_responses),
-            }
-        )
-        return metrics
+        return loss_value, cosine, teacher_time, per_token, masks
 
     def micro_loss(self, batch, teacher_out, kwargs: dict):
         """The loss on one packed micro-batch, under autocast: (LossOutput, the forward output that
@@ -424,33 +443,14 @@ class OPDRun:
         return float(sum(len(r) for r in responses))
 
     def micro_batches(self, n: int) -> list[tuple[slice, bool]]:
-        """(slice of this rank's n samples, real) per micro-batch of trainer.micro_batch_size sequences
-        (0 = one micro-batch). Every rank runs as many micro-batches as the busiest rank, because DDP and
-        FSDP forwards and backwards are collectives: a rank with fewer repeats its last one at weight 0
-        (real=False: no gradient, no metrics)."""
-        size = self.cfg.trainer.micro_batch_size
-        if size <= 0:
-            return [(slice(0, n), True)]
-        parts = [(slice(start, min(start + size, n)), True) for start in range(0, n, size)]
-        busiest = max(math.ceil(c / size) for c in distributed.all_gather_objects(n))
-        return parts + [(parts[-1][0], False)] * (busiest - len(parts))
+        """(slice, real) per micro-batch of this rank's n samples (distributed.micro_batch_slices)."""
+        return distributed.micro_batch_slices(n, self.cfg.trainer.micro_batch_size)
 
     def global_loss_signals(self, per_token: dict, mask: torch.Tensor, correct: list[bool]) -> dict:
         """loss_signals over the global batch (every rank's per-token diagnostics, padded to one width)."""
         if distributed.world_size() == 1:
             return loss_signals(per_token, mask, correct)
-        parts = distributed.all_gather_objects(
-            ({k: v.detach().cpu() for k, v in per_token.items()}, mask.cpu(), list(correct))
-        )
-        width = max(m.shape[1] for _, m, _ in parts)
-
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, width - t.shape[1]))
-
-        merged = {k: torch.cat([pad(d[k]) for d, _, _ in parts]) for k in parts[0][0]}
-        return loss_signals(
-            merged, torch.cat([pad(m) for _, m, _ in parts]), [c for _, _, cs in parts for c in cs]
-        )
+        return loss_signals(*distributed.gather_padded(per_token, mask, correct))
 
     def _behavior_logprobs(self, samples, shape) -> torch.Tensor:
         out = torch.zeros(shape, dtype=torch.float32)
