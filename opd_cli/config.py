@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from opd_cli.errors import OpdError
+from opd_cli.losses import LOSSES, SUPPORTS
 
 
 class ConfigError(OpdError):
@@ -218,17 +219,7 @@ def register_configs() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Validation: ranges and combinations that types cannot express.
 
-LOSS_NAMES = (
-    "full_rkl",
-    "full_fkl",
-    "gjsd",
-    "sampled_rkl",
-    "topk_rkl",
-    "topk_rkl_stopgrad",
-    "topk_rkl_renorm",
-)
-TOPK_LOSSES = ("topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm")
-SUPPORTS = ("student", "teacher", "intersection", "union")
+LOSS_NAMES = tuple(LOSSES)  # the losses and supports are losses.py's own
 TEACHER_KINDS = ("external", "rlvr", "self_pi")
 STAGES = ("opd", "sft", "rlvr")
 
