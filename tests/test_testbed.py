@@ -145,7 +145,7 @@ def test_shipped_models_load_and_generate(manifest):
 
 
 def test_student_sft_accuracy_reproduces(manifest):
-    from opd_cli.evaluation import greedy_accuracy
+    from opd_cli.stages.evaluate import greedy_accuracy
     from opd_cli.testbed.builders import load
 
     rows = make_rows(manifest["recipe"], manifest["seed"])["arith"]["eval"]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from opd_cli.evaluation import greedy_accuracy
 from opd_cli.io import atomic_write_json
 from opd_cli.rollout.hf_engine import HFEngine
+from opd_cli.stages.evaluate import greedy_accuracy
 from opd_cli.stages.rlvr import grpo_train
 from opd_cli.stages.sft import sft_train
 from opd_cli.tasks import make_task

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from opd_cli.batching import pack, response_hidden_and_logits
-from opd_cli.evaluation import greedy_accuracy, greedy_responses
 from opd_cli.rollout.base import SamplingConfig
 from opd_cli.rollout.hf_engine import HFEngine
+from opd_cli.stages.evaluate import greedy_accuracy, greedy_responses
 from opd_cli.stages.sft import prompt_ids
 from opd_cli.testbed.builders import (
     char_tokenizer,
