@@ -1,6 +1,8 @@
 """Evaluation: math accuracy and system-prompt internalization, through the same rollout engines.
 
-    opd eval checkpoint=outputs/.../checkpoints/step_000100            # the command: opd_cli/cli.py
+    opd eval checkpoint=testbed:student_sft --engine hf
+    opd eval checkpoint=testbed:opsd_base task=arith_concise --engine hf   # with vs without the system prompt
+    opd eval checkpoint=outputs/2026-11-29/10-00-00-000000/checkpoints/step_000100 eval.samples=8
 
 Accuracy is greedy exact-match by the task's verifier (math-verify for real math data), plus, with
 `eval.samples=n`, sampled avg@n and the unbiased pass@k. The report always carries mean response length,

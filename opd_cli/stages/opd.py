@@ -3,6 +3,7 @@
     opd run                                              # testbed OPD, CPU, vLLM rollouts
     opd run rollout=hf trainer.steps=50                  # transformers generate() instead of vLLM
     opd run task=arith_concise teacher=self_system model=opsd_base   # OPSD with a shared-rule PI
+    opd run experiment=opd_naive_topk_k5                 # one cell of the failure/fix matrix
     opd run resume=outputs/<date>/<time>                 # continue a killed run from its last checkpoint
     opd run trainer.nproc=2 rollout=hf                   # 2 data-parallel learner ranks (opd_cli/distributed.py)
     torchrun --nproc_per_node=8 -m opd_cli.cli run trainer.device=cuda   # 8 GPUs, one rank per GPU

@@ -1,8 +1,8 @@
 """The prefix probe (the paper's mechanism-1 experiment): does the teacher still solve the problem when
 it must continue from the student's prefix instead of its own?
 
-    opd probe teacher=large                                # testbed: teacher_large on student_sft prefixes
-    opd probe teacher=rlvr probe.n=200                     # the RLVR-adapted teacher instead
+    opd probe teacher=large -n 200                         # testbed: teacher_large on student_sft prefixes
+    opd probe teacher=rlvr -n 200                          # the RLVR-adapted teacher instead
 
 For each problem the student samples a response; it is cut at a uniformly random token; the teacher
 continues greedily from `teacher prompt + student prefix`. Compared with the teacher's own greedy
