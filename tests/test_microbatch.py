@@ -341,7 +341,7 @@ def test_plan_of_the_grpo_teacher_recipe_has_no_teacher_and_fits():
 # ------------------------------------------------------------------------------------ SFT (stabilization)
 def _sft(models, micro: int, chunk: int) -> tuple[dict, dict]:
     from opd_cli.learner import load_model, load_tokenizer
-    from opd_cli.stages.sft import sft_train
+    from opd_cli.stages.sft import SFTOptions, sft_train
     from opd_cli.tasks import make_task
 
     task = make_task("arith")
@@ -351,13 +351,9 @@ def _sft(models, micro: int, chunk: int) -> tuple[dict, dict]:
         model,
         load_tokenizer(models["student"]),
         examples,
-        steps=3,
-        batch_size=7,  # micro-batches of 3: 3, 3, 1
-        lr=1e-3,
-        seed=0,
+        # micro-batches of 3 of the batch of 7: 3, 3, 1
+        SFTOptions(steps=3, batch_size=7, lr=1e-3, seed=0, micro_batch_size=micro, chunk_size=chunk),
         progress=False,
-        micro_batch_size=micro,
-        chunk_size=chunk,
     )
     return metrics, {n: p.detach().clone() for n, p in model.named_parameters()}
 

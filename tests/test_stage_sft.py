@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import base_args, opd
 
-from opd_cli.stages.sft import prompt_ids, sft_train
+from opd_cli.stages.sft import SFTOptions, prompt_ids, sft_train
 from opd_cli.testbed.tokenizer import build_char_tokenizer
 
 
@@ -51,7 +51,9 @@ def test_sft_train_reduces_loss(tok):
     batch = pack([d[0] for d in data], [d[1] for d in data], tok.pad_token_id)
     with torch.no_grad():
         before = float(response_nll(model, batch)[0])
-    metrics = sft_train(model, tok, examples, steps=40, batch_size=4, lr=3e-3, seed=0, progress=False)
+    metrics = sft_train(
+        model, tok, examples, SFTOptions(steps=40, batch_size=4, lr=3e-3, seed=0), progress=False
+    )
     with torch.no_grad():
         after = float(response_nll(model, batch)[0])
     assert metrics["step"] == 40 and after < 0.5 * before
@@ -62,7 +64,7 @@ def test_sft_train_is_deterministic(tok):
     runs = []
     for _ in range(2):
         model = _tiny_model(tok, seed=3)
-        sft_train(model, tok, examples, steps=5, batch_size=3, lr=1e-3, seed=7, progress=False)
+        sft_train(model, tok, examples, SFTOptions(steps=5, batch_size=3, lr=1e-3, seed=7), progress=False)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(runs[0], runs[1])
 

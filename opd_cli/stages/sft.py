@@ -18,9 +18,9 @@ Setup -> train -> save:
 
 `sft_train` is also the testbed's trainer (its pretraining and its SFT student, opd_cli/testbed):
 
-    from opd_cli.stages.sft import sft_train
+    from opd_cli.stages.sft import SFTOptions, sft_train
     sft_train(model, tokenizer, [(task.messages(row), row["solution"]) for row in rows],
-              steps=600, batch_size=64, lr=3e-3, warmup_ratio=0.05, schedule="constant", seed=0, device="cpu")
+              SFTOptions(steps=600, batch_size=64, lr=3e-3, warmup_ratio=0.05, seed=0), device="cpu")
 
 An example is (chat messages without the assistant turn, response text). The prompt is the chat template
 with the generation prompt (`<|assistant|>` for the testbed tokenizer, so an empty message list gives a
@@ -40,6 +40,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -178,7 +179,6 @@ def run(cfg: DictConfig, out: Path) -> dict:
 
     if state is None:
         stats["nll_before"] = nll()
-    st = cfg.stabilization
 
     def save(step: int, loop_state: dict) -> None:
         extra = {"stage": "sft", "nll_before": stats["nll_before"]}
@@ -188,20 +188,11 @@ def run(cfg: DictConfig, out: Path) -> dict:
         model,
         tokenizer,
         examples,
-        steps=st.steps,
-        batch_size=st.batch_size,
-        lr=st.lr,
-        warmup_ratio=st.warmup_ratio,
-        schedule=st.schedule,
-        seed=cfg.seed,
+        SFTOptions.from_config(cfg),
         device=device,
+        amp_dtype=amp_dtype,
         progress=False,
         log_fn=lambda step, m: log.info("sft step %d loss %.4f", step, m["loss"]),
-        enable_thinking=cfg.model.enable_thinking,
-        micro_batch_size=micro,
-        chunk_size=chunk,
-        amp_dtype=amp_dtype,
-        save_every=cfg.trainer.save_every,
         on_checkpoint=save,
         start_state=state,
     )
@@ -297,62 +288,87 @@ class _Batches:
         self.order = list(state["order"])
 
 
+@dataclass
+class SFTOptions:
+    """The hyperparameters of one `sft_train` run: the SFT stage reads them from the config
+    (`from_config`), the testbed from its recipe."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_ratio: float = 0.0
+    schedule: str = "constant"  # constant | cosine | linear
+    seed: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    enable_thinking: bool = False  # the student's chat-template setting (model.enable_thinking)
+    micro_batch_size: int = 0  # sequences per forward/backward (0: the whole batch)
+    chunk_size: int = 0  # logit rows per chunk of the loss (0: full [tokens, V] logits)
+    save_every: int = 0  # checkpoint every this many steps (0: never)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> SFTOptions:
+        st = cfg.stabilization
+        return cls(
+            steps=st.steps,
+            batch_size=st.batch_size,
+            lr=st.lr,
+            warmup_ratio=st.warmup_ratio,
+            schedule=st.schedule,
+            seed=cfg.seed,
+            enable_thinking=cfg.model.enable_thinking,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            chunk_size=cfg.loss.chunk_size,
+            save_every=cfg.trainer.save_every,
+        )
+
+
 def sft_train(
     model: torch.nn.Module,
     tokenizer,
     examples: list[Example],
+    options: SFTOptions,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    warmup_ratio: float = 0.0,
-    schedule: str = "constant",
-    seed: int = 0,
     device: str | torch.device = "cpu",
-    weight_decay: float = 0.0,
-    grad_clip: float = 1.0,
+    amp_dtype: torch.dtype | None = None,
     progress: bool = True,
     description: str = "sft",
     log_fn: Callable[[int, dict], None] | None = None,
     log_every: int = 50,
     callback: Callable[[int, dict], bool | None] | None = None,
     eval_every: int = 0,
-    enable_thinking: bool = False,
-    micro_batch_size: int = 0,
-    chunk_size: int = 0,
-    amp_dtype: torch.dtype | None = None,
-    save_every: int = 0,
     on_checkpoint: Callable[[int, dict], None] | None = None,
     start_state: dict | None = None,
 ) -> dict:
     """Train `model` in place on `examples`; returns the final metrics (loss is an EMA of the batch loss).
 
-    `enable_thinking` is the student's chat-template setting (`model.enable_thinking`): SFT prompts must
-    be the prompts the student later sees in OPD and evaluation.
+    `options.enable_thinking` is the student's chat-template setting (`model.enable_thinking`): SFT
+    prompts must be the prompts the student later sees in OPD and evaluation.
 
-    Memory: `micro_batch_size` > 0 runs forward/backward that many sequences at a time and accumulates one
-    optimizer step equal to the whole batch's; `chunk_size` > 0 never materializes the batch's [tokens, V]
-    logits; `amp_dtype` is the forward's autocast dtype (bf16 on CUDA).
+    Memory: `options.micro_batch_size` > 0 runs forward/backward that many sequences at a time and
+    accumulates one optimizer step equal to the whole batch's; `options.chunk_size` > 0 never
+    materializes the batch's [tokens, V] logits; `amp_dtype` is the forward's autocast dtype (bf16 on CUDA).
 
-    Checkpoints: every `save_every` steps before the last, `on_checkpoint(step, state)` receives the loop's
-    state (optimizer and schedule, batch sampler, running loss); `start_state` (the weights already in
-    `model`) continues after its step exactly as the uninterrupted run would."""
+    Checkpoints: every `options.save_every` steps before the last, `on_checkpoint(step, state)` receives
+    the loop's state (optimizer and schedule, batch sampler, running loss); `start_state` (the weights
+    already in `model`) continues after its step exactly as the uninterrupted run would."""
+    o = options
     if not examples:
         raise ValueError("sft_train: no examples")
-    if steps < 1:
-        raise ValueError(f"sft_train: steps must be >= 1, got {steps}")
+    if o.steps < 1:
+        raise ValueError(f"sft_train: steps must be >= 1, got {o.steps}")
     device = torch.device(device)
     model.to(device).train()
-    data = tokenize_examples(tokenizer, examples, enable_thinking)
-    batches = _Batches(len(data), batch_size, seed)
+    data = tokenize_examples(tokenizer, examples, o.enable_thinking)
+    batches = _Batches(len(data), o.batch_size, o.seed)
     learner = Learner(
         model,
-        lr=lr,
-        total_steps=steps,
-        weight_decay=weight_decay,
-        grad_clip=grad_clip,
-        warmup_ratio=warmup_ratio,
-        schedule=schedule,
+        lr=o.lr,
+        total_steps=o.steps,
+        weight_decay=o.weight_decay,
+        grad_clip=o.grad_clip,
+        warmup_ratio=o.warmup_ratio,
+        schedule=o.schedule,
         amp_dtype=amp_dtype,
     )
     pad = tokenizer.pad_token_id
@@ -364,18 +380,18 @@ def sft_train(
         batches.load(start_state["batches"])
         ema, tokens, metrics = start_state["ema"], start_state["tokens"], dict(start_state["metrics"])
         first = start_state["step"] + 1
-    bar = _progress(progress, description, steps)
+    bar = _progress(progress, description, o.steps)
     if bar is not None and first > 1:
         bar[0].update(bar[1], completed=first - 1)
     try:
-        for step in range(first, steps + 1):
+        for step in range(first, o.steps + 1):
             idx = batches.next()
             n = sum(len(data[i][1]) for i in idx)  # the batch's response tokens: every part's denominator
             value = 0.0
-            for part in micro_batches(idx, micro_batch_size):
+            for part in micro_batches(idx, o.micro_batch_size):
                 batch = pack([data[i][0] for i in part], [data[i][1] for i in part], pad).to(device)
                 with learner.autocast():
-                    loss, _ = response_nll(model, batch, chunk_size, n_tokens=n)
+                    loss, _ = response_nll(model, batch, o.chunk_size, n_tokens=n)
                 learner.backward(loss)
                 value += float(loss.detach())
             info = learner.step()
@@ -391,12 +407,12 @@ def sft_train(
             }
             if bar is not None:
                 bar[0].update(bar[1], advance=1, description=f"{description} loss {ema:.3f}")
-            if log_fn is not None and (step % log_every == 0 or step == steps):
+            if log_fn is not None and (step % log_every == 0 or step == o.steps):
                 log_fn(step, metrics)
-            if callback is not None and eval_every and (step % eval_every == 0 or step == steps):
+            if callback is not None and eval_every and (step % eval_every == 0 or step == o.steps):
                 if callback(step, metrics):
                     break
-            if on_checkpoint is not None and save_every and step % save_every == 0 and step < steps:
+            if on_checkpoint is not None and o.save_every and step % o.save_every == 0 and step < o.steps:
                 state = {"learner": learner.state_dict(), "batches": batches.state(), "ema": ema}
                 on_checkpoint(step, {**state, "step": step, "tokens": tokens, "metrics": dict(metrics)})
     finally:

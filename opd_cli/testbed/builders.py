@@ -17,7 +17,7 @@ from opd_cli.io import atomic_write_json
 from opd_cli.rollout.hf_engine import HFEngine
 from opd_cli.stages.evaluate import greedy_accuracy
 from opd_cli.stages.rlvr import grpo_train
-from opd_cli.stages.sft import sft_train
+from opd_cli.stages.sft import SFTOptions, sft_train
 from opd_cli.tasks import make_task
 from opd_cli.tasks.arith import (
     concise_steps,
@@ -149,12 +149,14 @@ def _sft_until(
         model,
         tokenizer,
         examples,
-        steps=cfg["steps"],
-        batch_size=cfg["batch_size"],
-        lr=cfg["lr"],
-        warmup_ratio=cfg["warmup_ratio"],
-        schedule=cfg["schedule"],
-        seed=seed,
+        SFTOptions(
+            steps=cfg["steps"],
+            batch_size=cfg["batch_size"],
+            lr=cfg["lr"],
+            warmup_ratio=cfg["warmup_ratio"],
+            schedule=cfg["schedule"],
+            seed=seed,
+        ),
         progress=False,
         callback=callback,
         eval_every=cfg["eval_every"],
@@ -183,12 +185,14 @@ def build_student_base(ctx: dict) -> dict:
         model,
         tok,
         examples,
-        steps=cfg["steps"],
-        batch_size=cfg["batch_size"],
-        lr=cfg["lr"],
-        warmup_ratio=cfg["warmup_ratio"],
-        schedule="cosine",
-        seed=stage_seed(ctx["seed"], "student_base/batches"),
+        SFTOptions(
+            steps=cfg["steps"],
+            batch_size=cfg["batch_size"],
+            lr=cfg["lr"],
+            warmup_ratio=cfg["warmup_ratio"],
+            schedule="cosine",
+            seed=stage_seed(ctx["seed"], "student_base/batches"),
+        ),
         progress=False,
         log_fn=lambda s, m: report(s, cfg["steps"], f"loss {m['loss']:.3f}"),
         log_every=10,
