@@ -272,7 +272,7 @@ def _grpo(micro: int, chunk: int, checkpointing: bool) -> tuple[dict, dict]:
     """Two GRPO steps on the shipped SFT student (it solves some prompts, so groups carry signal)."""
     from opd_cli.learner import load_model, load_tokenizer
     from opd_cli.rollout import make_engine
-    from opd_cli.stages.rlvr import grpo_train
+    from opd_cli.stages.rlvr import GRPOOptions, grpo_train
     from opd_cli.tasks import make_task
     from opd_cli.testbed.paths import resolve_model_path
 
@@ -287,16 +287,18 @@ def _grpo(micro: int, chunk: int, checkpointing: bool) -> tuple[dict, dict]:
         load_tokenizer(path),
         task,
         rows,
+        GRPOOptions(
+            steps=2,
+            prompts_per_step=5,  # 5 prompts x 4 samples: micro-batches of 3 leave a short last one
+            samples_per_prompt=4,
+            lr=1e-4,
+            max_new_tokens=48,
+            seed=3,
+            micro_batch_size=micro,
+            chunk_size=chunk,
+        ),
         engine=make_engine("hf", path, model=model),
-        steps=2,
-        prompts_per_step=5,  # 5 prompts x 4 samples: micro-batches of 3 leave a short last one
-        samples_per_prompt=4,
-        lr=1e-4,
-        max_new_tokens=48,
-        seed=3,
         progress=False,
-        micro_batch_size=micro,
-        chunk_size=chunk,
     )
     return metrics, {n: p.detach().clone() for n, p in model.named_parameters()}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY, base_args, metrics, opd
 
-from opd_cli.stages.rlvr import clipped_pg_loss, group_advantages, grpo_train
+from opd_cli.stages.rlvr import GRPOOptions, clipped_pg_loss, group_advantages, grpo_train
 from opd_cli.tasks import make_task
 from opd_cli.testbed import paths
 from opd_cli.testbed.tokenizer import build_char_tokenizer
@@ -68,13 +68,8 @@ def test_grpo_train_one_step(tok):
         tok,
         task,
         rows,
+        GRPOOptions(steps=2, prompts_per_step=8, samples_per_prompt=4, lr=1e-4, max_new_tokens=40, seed=0),
         engine=engine,
-        steps=2,
-        prompts_per_step=8,
-        samples_per_prompt=4,
-        lr=1e-4,
-        max_new_tokens=40,
-        seed=0,
         progress=False,
         log_fn=lambda s, m: logged.append(m),
         log_every=1,

@@ -16,7 +16,7 @@ import torch
 from opd_cli.io import atomic_write_json
 from opd_cli.rollout.hf_engine import HFEngine
 from opd_cli.stages.evaluate import greedy_accuracy
-from opd_cli.stages.rlvr import grpo_train
+from opd_cli.stages.rlvr import GRPOOptions, grpo_train
 from opd_cli.stages.sft import SFTOptions, sft_train
 from opd_cli.tasks import make_task
 from opd_cli.tasks.arith import (
@@ -268,15 +268,17 @@ def build_teacher_rlvr(ctx: dict):
         tok,
         task,
         rows["train"],
+        GRPOOptions(
+            steps=cfg["steps"],
+            prompts_per_step=cfg["prompts_per_step"],
+            samples_per_prompt=cfg["samples_per_prompt"],
+            lr=cfg["lr"],
+            clip_eps=cfg["clip_eps"],
+            temperature=cfg["temperature"],
+            max_new_tokens=cfg["max_new_tokens"],
+            seed=stage_seed(seed, "teacher_rlvr/grpo"),
+        ),
         engine=engine,
-        steps=cfg["steps"],
-        prompts_per_step=cfg["prompts_per_step"],
-        samples_per_prompt=cfg["samples_per_prompt"],
-        lr=cfg["lr"],
-        clip_eps=cfg["clip_eps"],
-        temperature=cfg["temperature"],
-        max_new_tokens=cfg["max_new_tokens"],
-        seed=stage_seed(seed, "teacher_rlvr/grpo"),
         progress=False,
         callback=callback,
         eval_every=cfg["eval_every"],
