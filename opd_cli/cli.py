@@ -32,12 +32,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-# The imports below may pull in transformers / vLLM / wandb: the defaults above come first.
+# The defaults above come before anything can import transformers / vLLM / wandb. The commands that run a
+# model (eval, probe, run's job, bench, testbed build) import torch and the stages when they run, so that
+# `opd --help`, `opd run --cfg job`, `opd report` and `opd plan` start without them (tests/test_layout.py).
 from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
 
-from opd_cli import distributed, launch, rundir  # noqa: E402
+from opd_cli import launch, rundir  # noqa: E402
 from opd_cli.bench.cli import bench_group  # noqa: E402
 from opd_cli.doctor import doctor  # noqa: E402
 from opd_cli.errors import OpdError, debug_mode, exit_bad_input  # noqa: E402
@@ -45,9 +47,6 @@ from opd_cli.grid import expand_grid  # noqa: E402
 from opd_cli.io import atomic_write_json  # noqa: E402
 from opd_cli.plan import check_fit, format_plan, memory_plan  # noqa: E402
 from opd_cli.report import build_report, markdown_table, matrix_rows  # noqa: E402
-from opd_cli.stages.evaluate import evaluate_checkpoint, format_table  # noqa: E402
-from opd_cli.stages.probe import format_probe, run_probe  # noqa: E402
-from opd_cli.testbed.build import ensure_for_config  # noqa: E402
 from opd_cli.testbed.cli import testbed_group  # noqa: E402
 
 fail = exit_bad_input
@@ -138,8 +137,7 @@ def run_cmd(ctx: click.Context) -> None:
             launch.check_hydra_flags(args)
             writes = not ({"--cfg", "-c", "--info"} & set(args))
             # under torchrun only rank 0 claims the run directory; the others get it from rank 0
-            follower = distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
-            pinned = launch.prevalidate(overrides, multirun, writes=writes and not follower)
+            pinned = launch.prevalidate(overrides, multirun, writes=writes and not launch.torchrun_follower())
             args = [a for a in args if a not in overrides] + pinned
             overrides = pinned
             if writes:
@@ -188,6 +186,9 @@ def eval_cmd(overrides: tuple[str, ...], engine: str, out: str | None) -> None:
       opd eval checkpoint=outputs/2026-11-29/10-00-00-000000/checkpoints/step_000100 eval.samples=8
       opd eval checkpoint=testbed:opsd_base task=arith_concise --engine hf
     """
+    from opd_cli.stages.evaluate import evaluate_checkpoint, format_table
+    from opd_cli.testbed.build import ensure_for_config
+
     rest = [o for o in overrides if not o.startswith("checkpoint=")]
     ckpt = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
     try:
@@ -225,6 +226,9 @@ def probe_cmd(overrides: tuple[str, ...], n: int, seed: int, out: str) -> None:
       opd probe teacher=large                # teacher_large on student_sft prefixes (testbed)
       opd probe teacher=rlvr -n 100 --out experiments/probe_rlvr.json
     """
+    from opd_cli.stages.probe import format_probe, run_probe
+    from opd_cli.testbed.build import ensure_for_config
+
     try:
         launch.prevalidate(list(overrides), multirun=False, writes=False)
         cfg = launch.compose(list(overrides))

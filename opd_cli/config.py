@@ -19,7 +19,6 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from opd_cli.errors import OpdError
-from opd_cli.losses import LOSSES, SUPPORTS
 
 
 class ConfigError(OpdError):
@@ -219,7 +218,18 @@ def register_configs() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Validation: ranges and combinations that types cannot express.
 
-LOSS_NAMES = tuple(LOSSES)  # the losses and supports are losses.py's own
+# losses.py's LOSSES and SUPPORTS (pinned by tests/test_layout.py): repeated here so that composing a config
+# does not import torch
+LOSS_NAMES = (
+    "full_rkl",
+    "full_fkl",
+    "gjsd",
+    "sampled_rkl",
+    "topk_rkl",
+    "topk_rkl_stopgrad",
+    "topk_rkl_renorm",
+)
+SUPPORTS = ("student", "teacher", "intersection", "union")
 TEACHER_KINDS = ("external", "rlvr", "self_pi")
 STAGES = ("opd", "sft", "rlvr")
 

@@ -11,6 +11,10 @@ Hydra owns the command line grammar, the output directories and the launchers (b
 default; submitit for SLURM via `hydra/launcher=submitit_slurm`). Each job writes `status.json`
 (running -> ok | failed) so that `opd report` can show a failed job as failed rather than missing.
 
+Imports: the functions that run a job (`_job`, the data-parallel launch, joining torchrun's group) import
+the stages, torch and the testbed builder when they run, so that composing and checking a command line
+(`opd --help`, `opd run --cfg job`, `opd plan`) never loads torch or transformers (tests/test_layout.py).
+
 The config tree (`conf_dir`): $OPD_CONF_DIR, else the copy installed with the package
 (`opd_cli/conf`, what a wheel ships), else the repository's `conf/` next to the package (a checkout).
 """
@@ -32,7 +36,6 @@ import traceback
 from pathlib import Path
 
 import hydra
-import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra._internal.utils import get_args_parser
@@ -40,13 +43,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-from opd_cli import distributed, rundir
+from opd_cli import rundir
 from opd_cli.config import explain_config_exception, register_configs, validate
 from opd_cli.errors import OpdError, UsageError, debug_mode
-from opd_cli.stages import run_stage
-from opd_cli.testbed.build import ensure_for_config
 
 MAX_PREVALIDATED_JOBS = 2000
 
@@ -277,9 +277,19 @@ def with_resume_overrides(overrides: list[str]) -> list[str]:
     )
 
 
+def torchrun_follower() -> bool:
+    """A rank > 0 started by torchrun (WORLD_SIZE > 1, RANK > 0), known from its environment before the
+    process group exists (and without importing torch, as distributed.py does)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+
+
 def join_torchrun_group(args: list[str], overrides: list[str], multirun: bool) -> list[str]:
     """Under torchrun (WORLD_SIZE > 1): join the process group and give every rank rank 0's run
     directory; ranks > 0 write no Hydra files or logs. Unchanged args outside torchrun."""
+    import torch
+
+    from opd_cli import distributed
+
     if not distributed.launched_by_torchrun():
         return args
     if multirun:
@@ -330,6 +340,10 @@ def _read_outcomes(path: Path) -> list[tuple[Path, str, str | None]]:
 
 
 def _job(cfg: DictConfig) -> dict | None:
+    from opd_cli import distributed
+    from opd_cli.stages import run_stage
+    from opd_cli.testbed.build import ensure_for_config
+
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -410,6 +424,10 @@ def resolved_config(cfg: DictConfig) -> dict:
 def run_data_parallel(cfg: DictConfig, run_dir: Path) -> dict:
     """`trainer.nproc=N` without torchrun: start N ranks on this machine (one process group, gloo on CPU,
     nccl on GPUs), each running the stage; rank 0 writes the run directory. Returns rank 0's summary."""
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+    from opd_cli import distributed
+
     container = OmegaConf.to_container(cfg, resolve=True)
     try:
         distributed.spawn(cfg.trainer.nproc, _rank_main, container, str(run_dir))
@@ -429,6 +447,11 @@ def run_data_parallel(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _rank_main(container: dict, run_dir: str) -> None:
     """One rank started by run_data_parallel: join the group, run the stage, leave the group."""
+    import torch
+
+    from opd_cli import distributed
+    from opd_cli.stages import run_stage
+
     cfg = OmegaConf.create(container)
     if distributed.rank() == 0:  # the parent's Hydra log file receives rank 0's log
         handler = logging.FileHandler(Path(run_dir) / rundir.LOG)

@@ -10,6 +10,9 @@ when that is a module, else to `opd_cli.x`; `from opd_cli import x` likewise.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,34 @@ def test_imports_flow_one_way(low, high):
             seen.add(dep)
             todo.append(dep)
     assert high not in seen, f"{low} imports {high} (through {sorted(seen)})"
+
+
+HEAVY = ("torch", "transformers", "vllm", "wandb", "datasets", "matplotlib", "trl")
+
+
+def test_the_command_line_starts_without_torch_or_transformers(tmp_path):
+    """`opd --help` and `opd run --cfg job` compose and check a command line without loading a model
+    library: the commands import torch and the stages only when they run a model (cli.py, launch.py)."""
+    probe = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from opd_cli.cli import main\n"
+        "help = CliRunner().invoke(main, ['--help'])\n"
+        "job = CliRunner().invoke(main, ['run', '--cfg', 'job'])\n"
+        "assert help.exit_code == 0 and job.exit_code == 0, (help.output, job.output)\n"
+        "assert 'stage: opd' in job.output, job.output\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(PACKAGE.parent)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_config_repeats_the_losses_exactly():
+    """config.py keeps torch out of composing by repeating losses.py's names; they must stay the same."""
+    from opd_cli import config, losses
+
+    assert config.LOSS_NAMES == tuple(losses.LOSSES)
+    assert config.SUPPORTS == tuple(losses.SUPPORTS)

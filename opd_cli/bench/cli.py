@@ -4,6 +4,9 @@ opd bench loss                 # chunked vs naive loss path at Qwen3 vocabulary 
 opd bench loss --quick         # a small size, seconds
 opd bench matrix               # wall time of one seed of the testbed matrix
 opd bench step                 # one OPD step: opd (vLLM, HF rollouts) vs TRL's GKDTrainer, same work
+
+Each command imports its bench module when it runs (they load torch, the stages, TRL), so `opd --help`
+does not.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from pathlib import Path
 
 import click
 
-from opd_cli.bench import loss_bench, matrix_bench, step_bench
 from opd_cli.errors import OpdError
 from opd_cli.errors import exit_bad_input as fail
 from opd_cli.io import atomic_write_text
@@ -51,6 +53,8 @@ def bench_loss(
     Example:
       opd bench loss --out experiments/loss_bench_table.md
     """
+    from opd_cli.bench import loss_bench
+
     if quick:
         vocab, hidden, tokens = 1000, 64, 256
     kwargs = {"vocab": vocab, "hidden": hidden, "tokens": tokens, "k": k}
@@ -89,6 +93,8 @@ def bench_step(
     Example:
       opd bench step --out experiments/bench_step_table.md
     """
+    from opd_cli.bench import step_bench
+
     chosen = tuple(e.strip() for e in engines.split(",") if e.strip())
     if not chosen or set(chosen) - set(step_bench.ENGINES):
         fail(f"--engines={engines!r}: choose from {', '.join(step_bench.ENGINES)} (comma-separated)")
@@ -127,6 +133,8 @@ def bench_matrix(
       opd bench matrix
       opd bench matrix --from multirun/matrix-20261129-055407 --out experiments/bench_matrix.md
     """
+    from opd_cli.bench import matrix_bench
+
     measured = None
     if from_dir is None:
         from_dir = Path("multirun") / time.strftime("bench-matrix-%Y%m%d-%H%M%S")

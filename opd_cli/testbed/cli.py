@@ -11,7 +11,6 @@ import sys
 
 import click
 
-from opd_cli.testbed.build import build_testbed
 from opd_cli.testbed.paths import load_manifest, missing_models, testbed_dir
 
 COLUMNS = (
@@ -52,6 +51,8 @@ def build_cmd(out: str | None, seed: int, force: bool) -> None:
       opd testbed build --seed 0
     """
     import logging
+
+    from opd_cli.testbed.build import build_testbed  # torch, transformers: when it runs
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = build_testbed(testbed_dir(out), seed=seed, force=force, progress=True)
