@@ -5,6 +5,13 @@
     opd run -m loss=topk_rkl,topk_rkl_stopgrad seed=0,1,2    # Hydra multirun sweep
     opd run --cfg job                                        # print the composed config
     opd doctor                                               # versions, devices, testbed state
+    opd eval checkpoint=testbed:student_sft                  # evaluate a checkpoint
+    opd probe teacher=large                                  # the prefix probe (mechanism 1)
+    opd report multirun/2026-11-29/10-00-00-000000           # the matrix table, verdicts and plots
+    opd plan experiment=qwen3_opd_8b_topk                    # the memory plan per device
+
+This file holds the click commands only; what happens between a command line and a stage (composing,
+prevalidation, run-directory claiming, resume, the data-parallel launch, the Hydra job) is launch.py.
 
 Bad input (unknown group option, misspelled key, wrong type, invalid value) ends with one line on stderr
 naming the key, the value and what is allowed, exit code 2, before any output directory is created.
@@ -13,18 +20,8 @@ naming the key, the value and what is allowed, exit code 2, before any output di
 
 from __future__ import annotations
 
-import functools
-import itertools
 import os
-import re
 import sys
-from pathlib import Path
-
-import click
-
-from opd_cli.errors import OpdError, UsageError
-from opd_cli.grid import expand_grid
-from opd_cli.quiet import quiet_third_party
 
 # Defaults that must be in place before vllm/wandb/tokenizers are imported anywhere.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -35,28 +32,27 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-EXIT_BAD_INPUT = 2
-MAX_PREVALIDATED_JOBS = 2000
+# The defaults above come before anything can import transformers / vLLM / wandb. The commands that run a
+# model (eval, probe, run's job, bench, testbed build) import torch and the stages when they run, so that
+# `opd --help`, `opd run --cfg job`, `opd report` and `opd plan` start without them (tests/test_layout.py).
+from pathlib import Path  # noqa: E402
 
+import click  # noqa: E402
 
-def conf_dir() -> Path:
-    """The `conf/` tree: $OPD_CONF_DIR, else the repository's `conf/` next to the package."""
-    env = os.environ.get("OPD_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
-    if not (path / "config.yaml").is_file():
-        raise UsageError(
-            f"config tree not found at {path}; set OPD_CONF_DIR to the directory holding config.yaml"
-        )
-    return path
+from opd_cli import launch, rundir  # noqa: E402
+from opd_cli.bench.cli import bench_group  # noqa: E402
+from opd_cli.doctor import doctor  # noqa: E402
+from opd_cli.errors import OpdError, debug_mode, exit_bad_input  # noqa: E402
+from opd_cli.gpu_check import gpu_check_cmd  # noqa: E402
+from opd_cli.grid import expand_grid  # noqa: E402
+from opd_cli.io import atomic_write_json  # noqa: E402
+from opd_cli.plan import check_fit, format_plan, memory_plan  # noqa: E402
+from opd_cli.quiet import quiet_third_party  # noqa: E402
+from opd_cli.report import build_report, markdown_table, matrix_rows  # noqa: E402
+from opd_cli.teacher_server.serve import teacher_group  # noqa: E402
+from opd_cli.testbed.cli import testbed_group  # noqa: E402
 
-
-def _debug() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("OPD_DEBUG") == "1"
-
-
-def fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
+fail = exit_bad_input
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,263 +83,6 @@ def quiet_loaded_libraries() -> None:
 
 
 # --------------------------------------------------------------------------------------------- opd run
-_HYDRA_FLAGS_WITH_VALUE = {
-    "--cfg",
-    "-c",
-    "--package",
-    "-p",
-    "--config-name",
-    "-cn",
-    "--config-dir",
-    "-cd",
-    "--info",
-    "--experimental-rerun",
-}
-
-
-def split_hydra_args(args: list[str]) -> tuple[list[str], bool]:
-    """Return (overrides, multirun) from a Hydra command line."""
-    overrides, multirun, skip = [], False, False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        if arg in ("-m", "--multirun"):
-            multirun = True
-        elif arg in _HYDRA_FLAGS_WITH_VALUE:
-            skip = i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]
-        elif not arg.startswith("-"):
-            overrides.append(arg)
-    return overrides, multirun
-
-
-def check_hydra_flags(args: list[str]) -> None:
-    """Hydra's own argparse prints a multi-line usage on a bad flag (`-x`, `--cfg nope`): one line instead."""
-    from hydra._internal.utils import get_args_parser
-
-    def error(message: str) -> None:
-        raise UsageError(
-            f"opd run: {message}; overrides are key=value (e.g. trainer.lr=1e-4), flags: opd run --hydra-help"
-        )
-
-    parser = get_args_parser()
-    parser.error = error
-    parser.parse_args(args)
-
-
-def expand_sweeps(overrides: list[str]) -> list[list[str]]:
-    """The cartesian product of sweep overrides (a,b / range() / glob()), as Hydra's basic sweeper runs it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    axes = []
-    for o in parsed:
-        key = o.get_key_element()
-        if o.is_sweep_override():
-            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            axes.append([o.input_line])
-    combos = list(itertools.islice(itertools.product(*axes), MAX_PREVALIDATED_JOBS))
-    return [list(c) for c in combos]
-
-
-def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """Every job of a command line: the sweep of the command line and of `hydra.sweeper.params` set in
-    the config (an experiment file's grid); the command line wins for a key set in both."""
-    if not multirun:
-        return [overrides]
-    params = compose(expand_sweeps(overrides)[0]).hydra.sweeper.get("params") or {}
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    extra = [f"{key}={value}" for key, value in params.items() if key not in given]
-    return expand_sweeps([*overrides, *extra])
-
-
-def compose(overrides: list[str]):
-    """Compose and validate one job's config with the Compose API (no output directory is created)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from opd_cli.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    validate(cfg)
-    return cfg
-
-
-@functools.cache
-def cell_choices(cell: str) -> dict[str, str]:
-    """The config-group choices of one experiment preset (for grid slicing); composed once per process."""
-    cfg = compose([f"experiment={cell}"])
-    return {k: str(v) for k, v in cfg.hydra.runtime.choices.items()}
-
-
-def check_run_dir_free(cfg) -> None:
-    """An explicit hydra.run.dir that already holds a run is refused before Hydra rewrites its config."""
-    run_dir = Path(cfg.hydra.run.dir)
-    used = any((run_dir / name).exists() for name in ("metrics.jsonl", "summary.json", "status.json"))
-    if used and not cfg.resume and not cfg.overwrite:
-        raise UsageError(
-            f"{run_dir} already holds a run; pass resume={run_dir} to continue it, overwrite=true "
-            f"to replace it, or choose another hydra.run.dir"
-        )
-
-
-LOCK_NAME = ".opd.lock"
-_held_locks: list[int] = []  # descriptors of claimed directories, held (locked) until the process exits
-
-
-def claim_dir(directory: Path, *, explicit: bool, key: str = "hydra.run.dir") -> Path:
-    """Claim an output directory for this process: an exclusive, non-blocking `flock` on
-    `<dir>/.opd.lock`, held until the process exits (the kernel drops it on any exit, SIGKILL included,
-    so a killed run's directory can be resumed). A directory claimed by a live process is never shared:
-    an explicit one is refused; a default (timestamped) one that collides gets a `-1`, `-2`... suffix."""
-    import fcntl
-
-    for attempt in range(100):
-        candidate = directory if attempt == 0 else directory.with_name(f"{directory.name}-{attempt}")
-        try:
-            candidate.mkdir(parents=True, exist_ok=True)
-            fd = os.open(candidate / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as exc:
-            raise UsageError(
-                f"cannot create the output directory {candidate} ({exc.strerror or exc}); set {key} "
-                f"to a writable location"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            if explicit:
-                raise UsageError(
-                    f"{candidate} is in use by another running opd process; wait for it to finish or "
-                    f"choose another {key}"
-                ) from None
-            continue
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        _held_locks.append(fd)
-        return candidate
-    raise UsageError(f"could not claim a free output directory next to {directory}; set {key} explicitly")
-
-
-def _overrides_key(overrides: list[str], key: str) -> bool:
-    return any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)
-
-
-def claim_output_dir(overrides: list[str], multirun: bool) -> list[str]:
-    """Resolve the run (or sweep) directory once, claim it, and pin it in the overrides, so that Hydra
-    writes exactly the directory that was checked and claimed (`${now:}` would otherwise resolve again)."""
-    from omegaconf import OmegaConf
-
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    cfg = compose([o for o in overrides if not _is_sweep(o)] if multirun else overrides)
-    directory = Path(OmegaConf.select(cfg, key)).expanduser().absolute()
-    claimed = claim_dir(directory, explicit=_overrides_key(overrides, key), key=key)
-    if not multirun:
-        check_run_dir_free(cfg if claimed == directory else _with_run_dir(cfg, claimed))
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key] + [f"{key}={_quote(claimed)}"]
-
-
-def _quote(path: Path) -> str:
-    """A path as a Hydra override value: bare when plain, else single-quoted with escapes."""
-    text = str(path)
-    if re.fullmatch(r"[\w./:@+-]+", text):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _is_sweep(override: str) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_override(override).is_sweep_override()
-
-
-def _with_run_dir(cfg, run_dir: Path):
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        cfg.hydra.run.dir = str(run_dir)
-    return cfg
-
-
-def prevalidate(overrides: list[str], multirun: bool, writes: bool = True) -> list[str]:
-    """Fail fast, with one line, on anything Hydra or our validation would reject. With `writes`, also
-    claim the output directory; returns the overrides to launch with (the claimed directory pinned)."""
-    from opd_cli.errors import explain_config_exception
-
-    try:
-        for combo in job_overrides(overrides, multirun):
-            compose(combo)
-        return claim_output_dir(overrides, multirun) if writes else overrides
-    except OpdError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every compose error becomes one line
-        if _debug():
-            raise
-        raise UsageError(explain_config_exception(exc, overrides)) from exc
-
-
-def release_claims() -> None:
-    """Unlock the directories this process claimed (the run is over; in-process callers run again)."""
-    while _held_locks:
-        os.close(_held_locks.pop())
-
-
-def with_resume_overrides(overrides: list[str]) -> list[str]:
-    """`resume=<run dir>` re-composes the original run's overrides and continues in its directory."""
-    resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
-    if not resume:
-        return overrides
-    run_dir = Path(resume[-1]).expanduser()
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        raise UsageError(
-            f"resume={run_dir}: not an opd run directory (no .hydra/overrides.yaml); pass the "
-            f"directory printed by the run you want to continue"
-        )
-    from omegaconf import OmegaConf
-
-    original = [o for o in OmegaConf.to_container(OmegaConf.load(saved)) if not o.startswith("resume=")]
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    kept = [o for o in original if o.split("=", 1)[0].lstrip("+~") not in keys]
-    return (
-        kept
-        + [o for o in overrides if not o.startswith("resume=")]
-        + [f"resume={run_dir.resolve()}", f"hydra.run.dir={run_dir.resolve()}"]
-    )
-
-
-def join_torchrun_group(args: list[str], overrides: list[str], multirun: bool) -> list[str]:
-    """Under torchrun (WORLD_SIZE > 1): join the process group and give every rank rank 0's run
-    directory; ranks > 0 write no Hydra files or logs. Unchanged args outside torchrun."""
-    from opd_cli import distributed
-
-    if not distributed.launched_by_torchrun():
-        return args
-    if multirun:
-        raise UsageError(
-            "torchrun runs one job on all its ranks; for a sweep of data-parallel jobs use "
-            "opd run -m ... trainer.nproc=N (each job starts its own ranks)"
-        )
-    cfg = compose(overrides)
-    if cfg.trainer.nproc not in (1, distributed.int_env("WORLD_SIZE")):
-        raise UsageError(
-            f"trainer.nproc={cfg.trainer.nproc} but torchrun started {distributed.int_env('WORLD_SIZE')} "
-            f"ranks; drop trainer.nproc (torchrun sets the world size)"
-        )
-    import torch
-
-    cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
-    distributed.init_from_env("cuda" if cuda else "cpu")
-    run_dir = distributed.broadcast_object(str(Path(cfg.hydra.run.dir).resolve()))
-    extra = [f"hydra.run.dir={run_dir}"]
-    if not distributed.is_main():
-        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    return [*args, *extra]
-
-
 @main.command(
     "run",
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
@@ -374,23 +113,21 @@ def run_cmd(ctx: click.Context) -> None:
     if "--hydra-help" in args:
         args = ["--help" if a == "--hydra-help" else a for a in args]
     if "--dry-run" in args:  # the memory plan only: compose, print, check the fit
-        from opd_cli.commands import print_plans
-
-        overrides, multirun = split_hydra_args([a for a in args if a != "--dry-run"])
+        overrides, multirun = launch.split_hydra_args([a for a in args if a != "--dry-run"])
         try:
             print_plans(overrides, multirun)
         except OpdError as exc:
-            if _debug():
+            if debug_mode():
                 raise
             fail(str(exc))
         return
     try:
-        overrides, multirun = split_hydra_args(args)
-        full = with_resume_overrides(overrides)
+        overrides, multirun = launch.split_hydra_args(args)
+        full = launch.with_resume_overrides(overrides)
         if full != overrides:
             args = [a for a in args if a not in overrides] + full
             overrides = full
-        expansion = expand_grid(overrides, multirun, conf_dir(), cell_choices)
+        expansion = expand_grid(overrides, multirun, launch.conf_dir(), launch.cell_choices)
         if expansion is not None:
             args = [a for a in args if a not in overrides] + expansion.overrides
             overrides = expansion.overrides
@@ -401,28 +138,23 @@ def run_cmd(ctx: click.Context) -> None:
                 err=True,
             )
         if "--help" not in args and "--version" not in args:
-            check_hydra_flags(args)
+            launch.check_hydra_flags(args)
             writes = not ({"--cfg", "-c", "--info"} & set(args))
             # under torchrun only rank 0 claims the run directory; the others get it from rank 0
-            from opd_cli import distributed
-
-            follower = distributed.launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
-            pinned = prevalidate(overrides, multirun, writes=writes and not follower)
+            pinned = launch.prevalidate(overrides, multirun, writes=writes and not launch.torchrun_follower())
             args = [a for a in args if a not in overrides] + pinned
             overrides = pinned
             if writes:
-                args = join_torchrun_group(args, overrides, multirun)
+                args = launch.join_torchrun_group(args, overrides, multirun)
     except OpdError as exc:
-        release_claims()
-        if _debug():
+        launch.release_claims()
+        if debug_mode():
             raise
         fail(str(exc))
-    from opd_cli.hydra_app import launch
-
     try:
-        code = launch(args, conf_dir(), multirun)
+        code = launch.launch(args, launch.conf_dir(), multirun)
     finally:
-        release_claims()
+        launch.release_claims()
     sys.exit(code)
 
 
@@ -435,20 +167,166 @@ def doctor_cmd() -> None:
     Example:
       opd doctor
     """
-    from opd_cli.doctor import doctor
-
     sys.exit(doctor())
 
 
-def _register_optional_commands() -> None:
-    """Subcommands that live in their own modules (each one's module docstring holds its examples)."""
-    from opd_cli import commands
+# ------------------------------------------------------------------------------- eval, probe, report, plan
+@main.command("eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="JSON output (default: <run dir>/eval/<checkpoint>.json, or ./eval/<checkpoint>.json).",
+)
+def eval_cmd(overrides: tuple[str, ...], engine: str, out: str | None) -> None:
+    """Evaluate a checkpoint (Hugging Face format) on the configured task: greedy and sampled accuracy,
+    length, truncation, and system-prompt internalization for rule tasks.
 
-    for command in commands.all_commands():
-        main.add_command(command)
+    \b
+    Examples:
+      opd eval checkpoint=testbed:student_sft
+      opd eval checkpoint=outputs/2026-11-29/10-00-00-000000/checkpoints/step_000100 eval.samples=8
+      opd eval checkpoint=testbed:opsd_base task=arith_concise --engine hf
+    """
+    from opd_cli.stages.evaluate import evaluate_checkpoint, format_table
+    from opd_cli.testbed.build import ensure_for_config
+
+    rest = [o for o in overrides if not o.startswith("checkpoint=")]
+    ckpt = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
+    try:
+        if not ckpt:
+            raise OpdError(
+                "missing checkpoint=<model dir or testbed:name>, e.g. opd eval checkpoint=testbed:student_sft"
+            )
+        launch.prevalidate(rest, multirun=False, writes=False)
+        cfg = launch.compose(rest)
+        ensure_for_config(cfg, ckpt[-1])
+        result = evaluate_checkpoint(cfg, ckpt[-1], engine)
+    except OpdError as exc:
+        fail(str(exc))
+    path = Path(ckpt[-1])
+    default_dir = (
+        path.parent.parent / rundir.EVAL if path.parent.name == rundir.CHECKPOINTS else Path(rundir.EVAL)
+    )
+    target = Path(out) if out else default_dir / f"{path.name.replace(':', '_')}.json"
+    atomic_write_json(target, result)
+    click.echo(format_table(result))
+    click.echo(f"results: {target}")
+    sys.exit(0)
 
 
-_register_optional_commands()
+@main.command("probe", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("-n", "--num", "n", type=int, default=200, show_default=True, help="Problems to probe.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="probe.json", show_default=True)
+def probe_cmd(overrides: tuple[str, ...], n: int, seed: int, out: str) -> None:
+    """Mechanism 1: the teacher continues the student's prefixes; accuracy and format vs its own answers.
+
+    \b
+    Examples:
+      opd probe teacher=large                # teacher_large on student_sft prefixes (testbed)
+      opd probe teacher=rlvr -n 100 --out experiments/probe_rlvr.json
+    """
+    from opd_cli.stages.probe import format_probe, run_probe
+    from opd_cli.testbed.build import ensure_for_config
+
+    try:
+        launch.prevalidate(list(overrides), multirun=False, writes=False)
+        cfg = launch.compose(list(overrides))
+        ensure_for_config(cfg)
+        result = run_probe(cfg, n, seed)
+    except OpdError as exc:
+        fail(str(exc))
+    atomic_write_json(out, result)
+    click.echo(format_probe(result))
+    click.echo(f"results: {out}")
+
+
+@main.command("report")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where report.md/.html/.json and the PNGs go (default: the first directory).",
+)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG curves.")
+def report_cmd(dirs: tuple[Path, ...], out: Path | None, no_plots: bool) -> None:
+    """Summarize a sweep: matrix table (mean ± sd over seeds), verdict per cell vs the paper's, plots.
+
+    \b
+    Examples:
+      opd report multirun/2026-11-29/10-00-00-000000
+      opd report multirun/seed0 multirun/seed1 --out experiments/matrix
+    """
+    try:
+        report, _ = build_report(list(dirs), out or dirs[0], plots=not no_plots)
+    except OpdError as exc:
+        fail(str(exc))
+    header, rows = matrix_rows(report.cells)
+    keep = [
+        header.index(h)
+        for h in ("cell", "seeds", "final acc", "change", "verdict (per seed)", "paper", "match")
+    ]
+    click.echo(markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in rows]))
+    failed = [j for j in report.jobs if j.status == "failed"]
+    for j in failed:
+        click.echo(f"failed: {j.path}: {j.error}", err=True)
+    judged = [c for c in report.cells if c.match is not None]
+    missed = [c.name for c in judged if not c.match]
+    click.echo(
+        f"paper verdict reproduced in {sum(1 for c in judged if c.match)} of {len(judged)} cells with a "
+        f"verdict"
+        + (f"; not reproduced: {', '.join(missed)}" if missed else "")
+        + f" ({len(report.jobs)} jobs, {len(failed)} failed)"
+    )
+    click.echo(f"report: {(out or dirs[0]) / 'report.md'} (also report.html, report.json and the PNG curves)")
+
+
+@main.command("plan", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--prompt-tokens", type=int, default=512, show_default=True, help="Assumed prompt length.")
+def plan_cmd(overrides: tuple[str, ...], prompt_tokens: int) -> None:
+    """Print the memory plan of a recipe per device (weights, gradients, Adam, activations, logits,
+    vLLM KV cache) from the models' config.json; exit 2 when it does not fit the device memory.
+
+    \b
+    Examples:
+      opd plan experiment=qwen3_opd_8b_topk
+      opd plan experiment=qwen3_opd_8b_topk trainer.device_memory_gb=96 trainer.nproc=8
+    """
+    try:
+        print_plans(list(overrides), multirun=False, prompt_tokens=prompt_tokens)
+    except OpdError as exc:
+        fail(str(exc))
+
+
+def print_plans(overrides: list[str], multirun: bool, prompt_tokens: int = 512) -> None:
+    """Compose every job of the command line, print its plan, raise PlanError if one does not fit."""
+    launch.prevalidate(overrides, multirun, writes=False)
+    plans = []
+    for combo in launch.job_overrides(overrides, multirun):
+        cfg = launch.compose(combo)
+        if multirun:
+            click.echo(f"job: {' '.join(combo)}")
+        if cfg.stage == "opd" and cfg.stabilization.kind == "sft":  # the SFT stage runs first, on its own
+            sft = memory_plan(launch.compose([*combo, "stage=sft"]), prompt_tokens)
+            click.echo("stabilization=sft, before OPD: " + format_plan(sft))
+            plans.append(sft)
+        plan = memory_plan(cfg, prompt_tokens)
+        click.echo(format_plan(plan))
+        plans.append(plan)
+    for plan in plans:
+        check_fit(plan)
+
+
+main.add_command(bench_group)
+main.add_command(gpu_check_cmd)
+main.add_command(teacher_group)
+main.add_command(testbed_group)
 
 
 if __name__ == "__main__":

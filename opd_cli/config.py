@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from opd_cli.errors import OpdError
+from opd_cli.teacher_server.checks import teacher_backend_problem
 
 
 class ConfigError(OpdError):
@@ -231,6 +234,8 @@ def register_configs() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Validation: ranges and combinations that types cannot express.
 
+# losses.py's LOSSES and SUPPORTS (pinned by tests/test_layout.py): repeated here so that composing a config
+# does not import torch
 LOSS_NAMES = (
     "full_rkl",
     "full_fkl",
@@ -240,7 +245,6 @@ LOSS_NAMES = (
     "topk_rkl_stopgrad",
     "topk_rkl_renorm",
 )
-TOPK_LOSSES = ("topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm")
 SUPPORTS = ("student", "teacher", "intersection", "union")
 TEACHER_KINDS = ("external", "rlvr", "self_pi")
 STAGES = ("opd", "sft", "rlvr")
@@ -291,9 +295,9 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError(
             "teacher.kind=self_pi needs teacher.pi_field (answer | solution | system_prompt | a field)"
         )
-    from opd_cli.teacher_server.checks import validate_teacher_backend
-
-    validate_teacher_backend(c)
+    problem = teacher_backend_problem(c)
+    if problem:
+        raise ConfigError(problem)
     _one_of("stabilization.kind", c.stabilization.kind, ("none", "sft"))
     _one_of("stabilization.source", c.stabilization.source, ("teacher", "reference"))
     _one_of("rollout.engine", c.rollout.engine, ("vllm", "hf"))
@@ -393,3 +397,57 @@ def eval_attr(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+# ------------------------------------------------------------------------------ errors as one line
+def _schema_keys(full_key: str) -> list[str] | None:
+    """Allowed keys at the parent of `full_key` in the structured config, if it is a known node."""
+    node = Config()
+    for part in full_key.split(".")[:-1]:
+        node = getattr(node, part, None)
+        if not dataclasses.is_dataclass(node):
+            return None
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def explain_config_exception(exc: BaseException, overrides: list[str]) -> str:
+    """Turn a Hydra/OmegaConf composition error into one line: key, bad value, what is allowed."""
+    if isinstance(exc, OpdError):
+        return str(exc)
+    if isinstance(exc, MissingConfigException) and exc.options is not None:
+        m = re.search(r"Could not find '([^']+)'", str(exc))
+        missing = m.group(1) if m else str(exc.missing_cfg_file)
+        group, _, option = missing.rpartition("/")
+        allowed = ", ".join(o for o in exc.options if not o.endswith("_schema"))
+        return f"unknown option '{option}' for config group '{group}'; allowed: {allowed}"
+    if isinstance(exc, OverrideParseException):
+        return (
+            f"cannot parse override: {str(exc).splitlines()[0]} (use key=value, e.g. trainer.lr=1e-4; quote "
+            f"values with special characters: key='{{problem}};H:{{answer}}')"
+        )
+    cause = exc
+    while cause is not None and not isinstance(
+        cause, (ConfigKeyError, ConfigAttributeError, ValidationError)
+    ):
+        cause = cause.__cause__ or cause.__context__
+    if (
+        isinstance(cause, (ConfigKeyError, ConfigAttributeError))
+        or "not in struct" in str(exc)
+        or "not in '" in str(exc)
+    ):
+        key = getattr(cause, "full_key", None) or _key_from_message(str(exc))
+        allowed = _schema_keys(key) if key else None
+        hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+        return f"unknown config key '{key}'{hint}"
+    if isinstance(cause, ValidationError):
+        key = cause.full_key
+        value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), None)
+        expected = re.search(r"converted to (\w+)", str(cause))
+        what = f"expected {expected.group(1).lower()}" if expected else str(cause).splitlines()[0]
+        return f"{key}={value!r} has the wrong type: {what}"
+    return str(exc).strip().splitlines()[0]
+
+
+def _key_from_message(message: str) -> str | None:
+    m = re.search(r"Could not override '([^']+)'", message) or re.search(r"Key '([^']+)'", message)
+    return m.group(1) if m else None

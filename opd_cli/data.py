@@ -23,8 +23,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from opd_cli.errors import OpdError
-from opd_cli.tasks.base import OPTIONAL_FIELDS, REQUIRED_FIELDS
 
+# the fields of a task row (opd_cli/tasks/base.py): a dataset must provide the required ones
+REQUIRED_FIELDS = ("problem", "answer")
+OPTIONAL_FIELDS = ("solution", "system_prompt")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 HUB_PROBE_TIMEOUT_S = 3.0
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import socket
 from collections.abc import Callable
@@ -101,6 +102,38 @@ def interleave(per_rank: list[list[Any]]) -> list[Any]:
         for k, item in enumerate(items):
             out[r + k * len(per_rank)] = item
     return out
+
+
+def global_batch(per_prompt: list[Any]) -> list[Any]:
+    """This rank's per-prompt items (prompts r, r+W, ...) gathered from every rank into global prompt order."""
+    return interleave(all_gather_objects(per_prompt))
+
+
+def micro_batch_slices(n: int, size: int) -> list[tuple[slice, bool]]:
+    """(slice of this rank's n samples, real) per micro-batch of `size` sequences (0 = one micro-batch).
+    Every rank runs as many micro-batches as the busiest rank, because DDP and FSDP forwards and backwards
+    are collectives: a rank with fewer repeats its last one at weight 0 (real=False: no gradient, no
+    metrics)."""
+    if size <= 0:
+        return [(slice(0, n), True)]
+    parts = [(slice(start, min(start + size, n)), True) for start in range(0, n, size)]
+    busiest = max(math.ceil(c / size) for c in all_gather_objects(n))
+    return parts + [(parts[-1][0], False)] * (busiest - len(parts))
+
+
+def gather_padded(
+    per_token: dict[str, torch.Tensor], mask: torch.Tensor, items: list[Any]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[Any]]:
+    """Every rank's [b_r, T_r] tensors, mask and per-row items as one batch in rank order, zero-padded
+    to the widest T_r (the global batch's per-token diagnostics)."""
+    parts = all_gather_objects(({k: v.detach().cpu() for k, v in per_token.items()}, mask.cpu(), list(items)))
+    width = max(m.shape[1] for _, m, _ in parts)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    merged = {k: torch.cat([pad(d[k]) for d, _, _ in parts]) for k in parts[0][0]}
+    return merged, torch.cat([pad(m) for _, m, _ in parts]), [c for _, _, cs in parts for c in cs]
 
 
 def all_reduce_sum(value: float, device: torch.device) -> float:

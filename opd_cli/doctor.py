@@ -9,6 +9,8 @@ import os
 from rich.console import Console
 from rich.table import Table
 
+from opd_cli.testbed.paths import testbed_status
+
 PACKAGES = (
     "torch",
     "transformers",
@@ -69,13 +71,7 @@ def doctor() -> int:
         "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "(unset)")
     )
     table.add_row("WANDB_MODE", os.environ.get("WANDB_MODE", "(unset: logger.mode=auto decides)"))
-    try:
-        from opd_cli.testbed.paths import testbed_status
-
-        state = testbed_status()
-        table.add_row("testbed", state)
-    except ImportError:
-        table.add_row("testbed", "module missing")
+    table.add_row("testbed", testbed_status())
     console.print(table)
     for p in problems:
         console.print(f"[red]problem:[/red] {p}")

@@ -331,7 +331,7 @@ class PhasePeaks:
 def part_opd(sizes: Sizes, root: Path, device: str, engine: str, steps: int) -> dict:
     """A few OPD steps of the Qwen3 recipe shape through OPDRun, with the plan next to the allocator."""
 
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.plan import memory_plan
     from opd_cli.stages.opd import OPDRun
 

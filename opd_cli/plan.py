@@ -45,6 +45,7 @@ from omegaconf import DictConfig
 
 from opd_cli.errors import OpdError
 from opd_cli.teacher_server.checks import logprobs_k, servers
+from opd_cli.testbed.paths import model_dir
 
 GIB = 2**30
 
@@ -126,9 +127,11 @@ KNOWN_CONFIGS.update({f"{k}-Base": v for k, v in list(KNOWN_CONFIGS.items())})
 
 def model_shape(spec: str, cfg: DictConfig, fallback: ModelShape | None = None) -> tuple[ModelShape, str]:
     """(shape, where it came from) for a model path, testbed:<name> or hub id."""
-    from opd_cli.stages.common import resolve_path
-
-    path = Path(resolve_path(str(spec), cfg)).expanduser() if str(spec).startswith("testbed:") else None
+    path = (
+        Path(model_dir(str(spec), cfg.get("testbed_dir"))).expanduser()
+        if str(spec).startswith("testbed:")
+        else None
+    )
     path = path or Path(str(spec)).expanduser()
     if (path / "config.json").is_file():
         return ModelShape.from_config(json.loads((path / "config.json").read_text())), str(path)

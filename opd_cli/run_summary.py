@@ -12,12 +12,11 @@ and truncation (length explosion), and the hedging-token rate ("wait", "maybe" l
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
-from opd_cli.tracking import read_metrics
+from opd_cli import rundir
 
 WINDOW = 10  # training steps averaged at the start and at the end
 # (metric, label, format, change that counts as moved: absolute, or relative when rel=True)
@@ -44,9 +43,8 @@ def summary_lines(run_dir: str | Path, summary: dict | None = None) -> list[str]
     """The summary of the OPD run in `run_dir` as lines (no trailing results line)."""
     run_dir = Path(run_dir)
     if summary is None:
-        path = run_dir / "summary.json"
-        summary = json.loads(path.read_text()) if path.is_file() else {}
-    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+        summary = rundir.read_summary(run_dir)
+    rows = rundir.read_metrics(run_dir)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval/main/accuracy" in r]
     lines = []

@@ -91,6 +91,29 @@ def student_prompt_builder(task: Task, teacher_cfg) -> PromptBuilder:
     return PromptBuilder(task, system_prompt=not hides_system)
 
 
+@dataclass
+class StudentPrompts:
+    """The student's prompt ids of a row, as every stage builds them: `prompts(row)` with the student's
+    own prompt (`default`), `prompts(row, system_prompt=True/False)` with / without the row's system
+    prompt (evaluation's two sets); always the student's tokenizer and `model.enable_thinking`."""
+
+    tokenizer: object
+    task: Task
+    enable_thinking: bool
+    default: PromptBuilder
+
+    def __call__(self, row: Row, system_prompt: bool | None = None) -> list[int]:
+        builder = self.default if system_prompt is None else PromptBuilder(self.task, system_prompt)
+        return chat_prompt_ids(self.tokenizer, builder.messages(row), self.enable_thinking)
+
+
+def student_prompt_ids(tokenizer, task: Task, enable_thinking: bool, teacher_cfg=None) -> StudentPrompts:
+    """The one builder of student prompt ids; with `teacher_cfg` the student's prompt hides what that
+    teacher's privileged information replaces (`student_prompt_builder`)."""
+    default = PromptBuilder(task) if teacher_cfg is None else student_prompt_builder(task, teacher_cfg)
+    return StudentPrompts(tokenizer, task, enable_thinking, default)
+
+
 def teacher_prompt_builder(task: Task, teacher_cfg) -> PromptBuilder:
     if teacher_cfg.kind != "self_pi":
         return PromptBuilder(task, system_prompt=True)

@@ -15,6 +15,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from opd_cli import rundir
 from opd_cli.io import atomic_write_json, atomic_write_text
 
 
@@ -45,7 +46,7 @@ class Tracker:
         resume_step: int | None = None,
     ):
         self.run_dir = Path(run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / rundir.METRICS
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self._truncate_after(resume_step)
@@ -75,7 +76,7 @@ class Tracker:
         if mode == "auto":
             mode = "online" if _has_wandb_credentials() else "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
-        id_file = self.run_dir / "wandb_id"
+        id_file = self.run_dir / rundir.WANDB_ID
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
         atomic_write_text(id_file, run_id)
         return wandb.init(
@@ -99,7 +100,7 @@ class Tracker:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
-        atomic_write_json(self.run_dir / "summary.json", values)
+        atomic_write_json(self.run_dir / rundir.SUMMARY, values)
         if self._wandb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float, str)):
@@ -110,19 +111,6 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
 
 
 class NullTracker:

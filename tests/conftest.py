@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,30 @@ def run_opd(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
         text=True,
         timeout=timeout,
     )
+
+
+# Tiny budgets for `opd run` on tiny random models: these runs check wiring, files and exactness (resume,
+# alignment, weight sync), not learning; learning is the testbed's and the matrix's business.
+TINY = [
+    "trainer.prompts_per_step=4",
+    "eval.size=4",
+    "eval.max_new_tokens=24",
+    "rollout.max_new_tokens=24",
+    "logger=none",
+    "task.train_size=64",
+]
+
+
+def opd(*args: str, cwd: Path | None = None, timeout: int = 600):
+    return run_opd(*args, cwd=cwd, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def base_args(models, *extra: str) -> list[str]:
+    return [f"model.path={models['student']}", f"teacher.path={models['teacher']}", *TINY, *extra]
 
 
 def build_tiny_model_dir(directory: str | Path, *, seed: int = 0, **config_overrides) -> Path:

@@ -8,6 +8,7 @@ template and run on another. The tiny testbed tokenizer gets a template of the s
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ def _compose(model: Path, *extra: str):
     """A job config as `opd run` hands it to the stages (Hydra's own node removed, as in a job)."""
     from omegaconf import open_dict
 
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
 
     cfg = compose(
         [
@@ -98,7 +99,7 @@ def test_sft_and_rlvr_stages_build_prompts_with_the_students_setting(
     """The stages' own wiring: every prompt they tokenize uses `model.enable_thinking`."""
     import opd_cli.teachers as teachers
     from opd_cli.errors import OpdError
-    from opd_cli.pipeline import run_rlvr_stage, run_sft_stage
+    from opd_cli.stages import rlvr, sft
 
     seen: list[bool] = []
     real = teachers.chat_prompt_ids
@@ -107,7 +108,10 @@ def test_sft_and_rlvr_stages_build_prompts_with_the_students_setting(
         seen.append(enable_thinking)
         return real(tokenizer, messages, enable_thinking, add_generation_prompt)
 
-    monkeypatch.setattr(teachers, "chat_prompt_ids", recording)
+    # every module that imported the function (the stages import it at module level) calls the recorder
+    for module in [m for name, m in sys.modules.items() if name.startswith("opd_cli")]:
+        if getattr(module, "chat_prompt_ids", None) is real:
+            monkeypatch.setattr(module, "chat_prompt_ids", recording)
     monkeypatch.chdir(tmp_path)
     flag = f"model.enable_thinking={str(thinking).lower()}"
 
@@ -115,19 +119,19 @@ def test_sft_and_rlvr_stages_build_prompts_with_the_students_setting(
     # teacher traces: the prompts the trace writer answers (a random tiny teacher may get none right)
     cfg = _compose(thinking_model, flag, *sft_args, "stabilization.source=teacher", "stabilization.steps=1")
     try:
-        run_sft_stage(cfg, tmp_path / "sft_traces")
+        sft.run(cfg, tmp_path / "sft_traces")
     except OpdError as exc:
         assert "no teacher trace passed the verifier" in str(exc)
     assert seen and set(seen) == {thinking}, "SFT trace prompts"
     seen.clear()
     # training and held-out NLL on reference solutions
     cfg = _compose(thinking_model, flag, *sft_args, "stabilization.source=reference", "stabilization.steps=1")
-    run_sft_stage(cfg, tmp_path / "sft")
+    sft.run(cfg, tmp_path / "sft")
     assert seen and set(seen) == {thinking}, "SFT training prompts"
 
     seen.clear()
     cfg = _compose(
         thinking_model, flag, "stage=rlvr", "trainer.steps=1", "trainer.prompts_per_step=2", "rollout.n=2"
     )
-    run_rlvr_stage(cfg, tmp_path / "rlvr")
+    rlvr.run(cfg, tmp_path / "rlvr")
     assert seen and set(seen) == {thinking}, "RLVR (policy prompts and evaluation)"

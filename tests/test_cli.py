@@ -40,7 +40,7 @@ def test_cfg_job_prints_composed_config():
 
 
 def test_every_group_option_composes_and_validates():
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
 
     conf = REPO / "conf"
     for group in (

@@ -91,7 +91,7 @@ def _write(rows: list[dict], path, fmt: str):
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 @pytest.mark.parametrize("dataset", sorted(SCHEMAS))
 def test_dataset_recipe_loads_a_local_file_with_the_hub_schema(tmp_path, dataset, fmt):
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.stages.common import load_task_and_data
 
     row, problem, answer = SCHEMAS[dataset]

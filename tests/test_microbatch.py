@@ -47,7 +47,7 @@ def one_step(models, tmp_path: Path, overrides: list[str], rollouts: dict | None
     OPD step; `rollouts` from an earlier call are replayed instead of sampled."""
     from omegaconf import open_dict
 
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.stages.opd import OPDRun
 
     cfg = compose(base(models, *overrides))
@@ -170,8 +170,8 @@ def test_teacher_dtype(models, tmp_path):
 
 
 def test_micro_batch_size_validation():
-    from opd_cli.cli import compose
     from opd_cli.config import ConfigError
+    from opd_cli.launch import compose
 
     with pytest.raises(ConfigError) as err:
         compose(["trainer.micro_batch_size=-1"])
@@ -183,7 +183,7 @@ def test_micro_batch_size_validation():
 
 
 def test_plan_shrinks_per_micro_batch(tmp_path):
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.plan import GIB, memory_plan
 
     def plan(*extra):
@@ -286,8 +286,8 @@ def _grpo(micro: int, chunk: int, checkpointing: bool) -> dict:
     lr > 0, AdamW would turn round-off in ~0 gradient entries into lr-sized weight differences and the
     step-2 rollouts could differ)."""
     from opd_cli.learner import load_model, load_tokenizer
-    from opd_cli.rollout.base import make_engine
-    from opd_cli.stages.rlvr import grpo_train
+    from opd_cli.rollout import make_engine
+    from opd_cli.stages.rlvr import GRPOOptions, grpo_train
     from opd_cli.tasks import make_task
     from opd_cli.testbed.paths import resolve_model_path
 
@@ -302,16 +302,18 @@ def _grpo(micro: int, chunk: int, checkpointing: bool) -> dict:
         load_tokenizer(path),
         task,
         rows,
+        GRPOOptions(
+            steps=2,
+            prompts_per_step=5,  # 5 prompts x 4 samples: micro-batches of 3 leave a short last one
+            samples_per_prompt=4,
+            lr=0.0,
+            max_new_tokens=48,
+            seed=3,
+            micro_batch_size=micro,
+            chunk_size=chunk,
+        ),
         engine=make_engine("hf", path, model=model),
-        steps=2,
-        prompts_per_step=5,  # 5 prompts x 4 samples: micro-batches of 3 leave a short last one
-        samples_per_prompt=4,
-        lr=0.0,
-        max_new_tokens=48,
-        seed=3,
         progress=False,
-        micro_batch_size=micro,
-        chunk_size=chunk,
     )
     return metrics
 
@@ -340,7 +342,7 @@ def test_micro_batched_chunked_grpo_equals_the_whole_batch_grpo(monkeypatch):
 
 
 def test_plan_of_the_grpo_teacher_recipe_has_no_teacher_and_fits():
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.plan import check_fit, format_plan, memory_plan
 
     plan = memory_plan(compose(["experiment=qwen3_rlvr_teacher", "trainer.device_memory_gb=80"]))
@@ -360,7 +362,7 @@ def test_plan_of_the_grpo_teacher_recipe_has_no_teacher_and_fits():
 def _sft(models, micro: int, chunk: int) -> dict:
     """Three SFT steps at lr=0 (every step's gradient on the same weights: see _grpo), three batches of 7."""
     from opd_cli.learner import load_model, load_tokenizer
-    from opd_cli.stages.sft import sft_train
+    from opd_cli.stages.sft import SFTOptions, sft_train
     from opd_cli.tasks import make_task
 
     task = make_task("arith")
@@ -370,13 +372,9 @@ def _sft(models, micro: int, chunk: int) -> dict:
         model,
         load_tokenizer(models["student"]),
         examples,
-        steps=3,
-        batch_size=7,  # micro-batches of 3: 3, 3, 1
-        lr=0.0,
-        seed=0,
+        # micro-batches of 3 of the batch of 7: 3, 3, 1
+        SFTOptions(steps=3, batch_size=7, lr=0.0, seed=0, micro_batch_size=micro, chunk_size=chunk),
         progress=False,
-        micro_batch_size=micro,
-        chunk_size=chunk,
     )
     return metrics
 

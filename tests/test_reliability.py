@@ -23,7 +23,8 @@ from click.testing import CliRunner
 from conftest import threads_for_tests
 
 from opd_cli.checkpoint import latest_checkpoint, load_trainer_state
-from opd_cli.cli import claim_dir, main, release_claims
+from opd_cli.cli import main
+from opd_cli.launch import claim_dir, release_claims
 
 TINY = [
     "trainer.prompts_per_step=4",
@@ -204,7 +205,7 @@ def test_runs_started_at_the_same_moment_get_distinct_directories(models, tmp_pa
 def test_an_explicit_directory_held_by_a_running_process_is_refused(models, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from opd_cli.cli import claim_dir; from pathlib import Path;"
+        [sys.executable, "-c", "import sys, time; from opd_cli.launch import claim_dir; from pathlib import Path;"
          f"claim_dir(Path({str(run_dir)!r}), explicit=True); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE,
         text=True,
@@ -523,7 +524,6 @@ def test_rlvr_stage_resumes_from_its_last_checkpoint_to_the_same_teacher(tmp_pat
 def test_sft_stage_resumes_from_its_last_checkpoint_on_the_saved_traces(models, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import opd_cli.pipeline as pipeline
     import opd_cli.stages.sft as sft
 
     def args(run_dir: Path) -> list[str]:
@@ -558,7 +558,7 @@ def test_sft_stage_resumes_from_its_last_checkpoint_on_the_saved_traces(models, 
     def no_new_traces(*a, **kw):
         raise AssertionError("a resumed SFT stage wrote its traces again")
 
-    monkeypatch.setattr(pipeline, "_sft_examples", no_new_traces)
+    monkeypatch.setattr(sft, "teacher_traces", no_new_traces)
     res = opd_inprocess(f"resume={killed}")
     assert res.exit_code == 0, res.output
     stats = [json.loads((d / "model" / "sft_stats.json").read_text()) for d in (full, killed)]

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from conftest import run_opd
 
-from opd_cli.report import build_report, job_verdict
+from opd_cli.report import build_report
+from opd_cli.verdicts import job_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,9 +148,9 @@ def test_report_cli_bad_input_is_one_line_exit_2(tmp_path):
 
 # ------------------------------------------------------------------------------------------- grids
 def test_grid_expansion_and_slicing():
-    from opd_cli.cli import cell_choices, compose, conf_dir
     from opd_cli.errors import UsageError
     from opd_cli.grid import expand_grid, grid_cells
+    from opd_cli.launch import cell_choices, compose, conf_dir
 
     cells = grid_cells(conf_dir(), "matrix")
     assert len(cells) >= 14 and grid_cells(conf_dir(), "opd_full_rkl") is None

@@ -102,7 +102,7 @@ QWEN3_RECIPES = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("qwen
 
 def test_every_qwen3_recipe_composes_and_dry_runs_a_plan(tmp_path):
     assert len(QWEN3_RECIPES) >= 12
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.plan import format_plan, memory_plan
 
     for name in QWEN3_RECIPES:
@@ -122,7 +122,7 @@ def test_every_qwen3_recipe_composes_and_dry_runs_a_plan(tmp_path):
 
 
 def test_plan_numbers_and_the_fit_error(tmp_path):
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.plan import GIB, KNOWN_CONFIGS, ModelShape, memory_plan
 
     # Qwen3-8B: 8.19B parameters (embeddings untied); Qwen3-1.7B: 1.72B (tied)
@@ -148,7 +148,7 @@ def test_plan_numbers_and_the_fit_error(tmp_path):
 
 
 def test_plan_puts_a_teacher_on_its_own_device_there(tmp_path):
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.plan import PlanError, check_fit, format_plan, memory_plan
 
     recipe = ["experiment=qwen3_opd_8b_topk", "trainer.device=cuda", "trainer.device_memory_gb=80"]

@@ -222,7 +222,7 @@ def test_a_closed_port_stops_before_the_run(tmp_path):
 
 
 def test_serve_command_flags():
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.teacher_server.serve import serve_command, vllm_launcher
 
     cmd = serve_command(compose(["loss.k=12"]), host="127.0.0.1", port=8123, max_logprobs=None, extra=["--x"])
@@ -250,7 +250,7 @@ def test_serve_command_flags():
 
 
 def test_plan_counts_no_learner_memory_for_a_served_teacher():
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.plan import memory_plan
 
     recipe = ["experiment=qwen3_opd_8b_topk", "loss.support=intersection", "trainer.device_memory_gb=80"]
@@ -273,7 +273,7 @@ def test_plan_counts_no_learner_memory_for_a_served_teacher():
 
 # ------------------------------------------------------------------------------------------- parity
 def _teachers(url: str, **teacher_overrides):
-    from opd_cli.cli import compose
+    from opd_cli.launch import compose
     from opd_cli.learner import load_model, load_tokenizer
     from opd_cli.stages.common import load_task_and_data, resolve_path
     from opd_cli.teacher_server.scorer import build_vllm_teacher

@@ -1,5 +1,5 @@
-"""The shipped testbed (manifest, weights, loading), `testbed:` path resolution, and the SFT / GRPO stages
-that build it."""
+"""The shipped testbed (manifest, weights, loading) and `testbed:` path resolution and building (the SFT /
+GRPO loops that build it: test_stage_sft.py, test_stage_rlvr.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 from conftest import threads_for_tests
 
 from opd_cli.errors import OpdError
-from opd_cli.stages.rlvr import clipped_pg_loss, group_advantages, grpo_train
-from opd_cli.stages.sft import prompt_ids, sft_train
+from opd_cli.stages.sft import prompt_ids
 from opd_cli.tasks import make_task
 from opd_cli.testbed import paths
-from opd_cli.testbed.build import RECIPE, config_hash, file_sha256, make_rows
+from opd_cli.testbed.builders import make_rows
+from opd_cli.testbed.recipe import RECIPE, config_hash, file_sha256
 from opd_cli.testbed.tokenizer import build_char_tokenizer
 
 ASSETS = paths.ASSETS_DIR
@@ -52,15 +52,6 @@ def manifest() -> dict:
 @pytest.fixture(scope="module")
 def tok():
     return build_char_tokenizer()
-
-
-def _tiny_model(tok, seed: int = 0):
-    from transformers import Qwen2ForCausalLM
-
-    from opd_cli.testbed.models import tiny_qwen2_config
-
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(tiny_qwen2_config(len(tok), hidden_size=32, num_layers=1))
 
 
 # ---- the shipped testbed ------------------------------------------------------------------------------
@@ -146,8 +137,8 @@ def test_shipped_models_load_and_generate(manifest):
 
 @pytest.mark.numerics
 def test_student_sft_accuracy_reproduces(manifest):
-    from opd_cli.evaluation import greedy_accuracy
-    from opd_cli.testbed.build import load
+    from opd_cli.stages.evaluate import greedy_accuracy
+    from opd_cli.testbed.builders import load
 
     rows = make_rows(manifest["recipe"], manifest["seed"])["arith"]["eval"]
     task = make_task("arith", digits=manifest["recipe"]["task"]["digits"])
@@ -211,100 +202,24 @@ def test_resolve_unknown_name_lists_allowed(tmp_path):
         assert f"testbed:{name}" in str(err.value)
 
 
-def test_resolve_builds_missing_testbed(tmp_path, monkeypatch):
+def test_ensure_builds_missing_testbed_and_resolve_names_the_build(tmp_path, monkeypatch):
+    """The commands build a missing testbed on first use (`build.ensure_for_config`, before a stage);
+    path resolution itself never builds, and says how to when a model is missing."""
     calls = []
     import opd_cli.testbed.build as build
+    from opd_cli.launch import compose
 
     monkeypatch.setattr(build, "build_testbed", lambda root: calls.append(root) or _fake_testbed(Path(root)))
     root = tmp_path / "empty"
     assert paths.testbed_status(root).startswith("not built")
-    assert paths.resolve_model_path("testbed:opsd_base", str(root)) == str(root / "opsd_base")
+    with pytest.raises(OpdError, match="opd testbed build"):
+        paths.resolve_model_path("testbed:opsd_base", str(root))
+    assert calls == []
+    build.ensure_for_config(compose([f"testbed_dir={root}", "model.path=/some/dir", "teacher.path=/other"]))
+    assert calls == []  # no testbed model named: nothing to build
+    build.ensure_for_config(compose([f"testbed_dir={root}", "model=opsd_base"]))
     assert calls == [root]
+    assert paths.resolve_model_path("testbed:opsd_base", str(root)) == str(root / "opsd_base")
 
 
 # ---- stages -------------------------------------------------------------------------------------------
-def test_prompt_ids_of_empty_conversation_is_the_generation_prompt(tok):
-    assert prompt_ids(tok, []) == [tok.convert_tokens_to_ids("<|assistant|>")]
-
-
-def test_sft_train_reduces_loss(tok):
-    from opd_cli.batching import pack
-    from opd_cli.stages.sft import response_nll, tokenize_examples
-
-    examples = [([{"role": "user", "content": f"Q:{i}"}], f"{i}+{i}={2 * i}") for i in range(8)]
-    examples += [([], "abc;abc;")]  # a bare response (pretraining strings)
-    model = _tiny_model(tok)
-    data = tokenize_examples(tok, examples)
-    batch = pack([d[0] for d in data], [d[1] for d in data], tok.pad_token_id)
-    with torch.no_grad():
-        before = float(response_nll(model, batch)[0])
-    metrics = sft_train(model, tok, examples, steps=40, batch_size=4, lr=3e-3, seed=0, progress=False)
-    with torch.no_grad():
-        after = float(response_nll(model, batch)[0])
-    assert metrics["step"] == 40 and after < 0.5 * before
-
-
-def test_sft_train_is_deterministic(tok):
-    examples = [([{"role": "user", "content": f"Q:{i}"}], f"A:{i}") for i in range(6)]
-    runs = []
-    for _ in range(2):
-        model = _tiny_model(tok, seed=3)
-        sft_train(model, tok, examples, steps=5, batch_size=3, lr=1e-3, seed=7, progress=False)
-        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.equal(runs[0], runs[1])
-
-
-def test_group_advantages():
-    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    adv = group_advantages(rewards)
-    assert torch.equal(adv[0], torch.zeros(4)) and torch.equal(adv[1], torch.zeros(4))
-    expected = (torch.tensor([1.0, 0.0, 0.0, 0.0]) - 0.25) / torch.tensor(0.1875).sqrt()
-    torch.testing.assert_close(adv[2], expected, atol=1e-5, rtol=0)
-    assert abs(float(adv[2].sum())) < 1e-5
-
-
-def test_clipped_pg_loss():
-    logp = torch.log(torch.tensor([[0.5, 0.5, 0.0]]).clamp_min(1e-9)).requires_grad_(True)
-    old = torch.log(torch.tensor([[0.5, 0.25, 0.5]]))
-    mask = torch.tensor([[True, True, False]])
-    loss, info = clipped_pg_loss(logp, old, torch.tensor([1.0]), mask, clip_eps=0.2)
-    # token 0: ratio 1 -> 1; token 1: ratio 2, clipped to 1.2 (positive advantage); token 2 is padding
-    assert float(loss.detach()) == pytest.approx(-(1.0 + 1.2) / 2)
-    assert info["clip_frac"] == pytest.approx(0.5)
-    loss.backward()
-    assert logp.grad[0, 1] == 0 and logp.grad[0, 2] == 0 and logp.grad[0, 0] < 0
-
-
-def test_grpo_train_one_step(tok):
-    """Two GRPO steps on the shipped student: rollouts, rewards, informative groups, an update."""
-    from opd_cli.rollout.hf_engine import HFEngine
-    from opd_cli.testbed.build import load
-
-    if not (ASSETS / "student_sft" / "model.safetensors").is_file():
-        pytest.fail("no shipped student_sft")
-    model = load(ASSETS / "student_sft")
-    before = [p.detach().clone() for p in model.parameters()]
-    task = make_task("arith", digits=3)
-    rows = task.generate(16, seed=5)
-    engine = HFEngine(None, model=model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    logged = []
-    metrics = grpo_train(
-        model,
-        tok,
-        task,
-        rows,
-        engine=engine,
-        steps=2,
-        prompts_per_step=8,
-        samples_per_prompt=4,
-        lr=1e-4,
-        max_new_tokens=40,
-        seed=0,
-        progress=False,
-        log_fn=lambda s, m: logged.append(m),
-        log_every=1,
-    )
-    assert [m["step"] for m in logged] == [1, 2]
-    assert 0.0 < metrics["reward"] < 1.0 and metrics["informative_groups"] > 0
-    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # on-policy: the ratio starts at 1
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -4,6 +4,9 @@ opd bench loss                 # chunked vs naive loss path at Qwen3 vocabulary 
 opd bench loss --quick         # a small size, seconds
 opd bench matrix               # wall time of one seed of the testbed matrix
 opd bench step                 # one OPD step: opd (vLLM, HF rollouts) vs TRL's GKDTrainer, same work
+
+Each command imports its bench module when it runs (they load torch, the stages, TRL), so `opd --help`
+does not.
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ import time
 from pathlib import Path
 
 import click
+
+from opd_cli.errors import OpdError
+from opd_cli.errors import exit_bad_input as fail
+from opd_cli.io import atomic_write_text
 
 
 @click.group("bench")
@@ -46,14 +53,14 @@ def bench_loss(
     Example:
       opd bench loss --out experiments/loss_bench_table.md
     """
-    from opd_cli.bench.loss_bench import format_table, run_loss_bench
+    from opd_cli.bench import loss_bench
 
     if quick:
         vocab, hidden, tokens = 1000, 64, 256
     kwargs = {"vocab": vocab, "hidden": hidden, "tokens": tokens, "k": k}
     if chunk_size:
         kwargs["chunk_size"] = chunk_size
-    table = format_table(run_loss_bench(**kwargs))
+    table = loss_bench.format_table(loss_bench.run_loss_bench(**kwargs))
     _emit(table, out)
 
 
@@ -86,23 +93,21 @@ def bench_step(
     Example:
       opd bench step --out experiments/bench_step_table.md
     """
-    from opd_cli.bench.step_bench import ENGINES, QUICK, format_table, run_step_bench
-    from opd_cli.cli import fail
-    from opd_cli.errors import OpdError
+    from opd_cli.bench import step_bench
 
     chosen = tuple(e.strip() for e in engines.split(",") if e.strip())
-    if not chosen or set(chosen) - set(ENGINES):
-        fail(f"--engines={engines!r}: choose from {', '.join(ENGINES)} (comma-separated)")
+    if not chosen or set(chosen) - set(step_bench.ENGINES):
+        fail(f"--engines={engines!r}: choose from {', '.join(step_bench.ENGINES)} (comma-separated)")
     if min(batch, max_new_tokens, rounds, steps, threads) < 1:
         fail("--batch, --max-new-tokens, --rounds, --steps and --threads must be >= 1")
     sizes = {"batch": batch, "max_new_tokens": max_new_tokens, "rounds": rounds, "steps": steps}
     if quick:
-        sizes = dict(QUICK)
+        sizes = dict(step_bench.QUICK)
     try:
-        result = run_step_bench(chosen, threads=threads, **sizes)
+        result = step_bench.run_step_bench(chosen, threads=threads, **sizes)
     except OpdError as exc:
         fail(str(exc))
-    table = format_table(result)
+    table = step_bench.format_table(result)
     _emit(table, out)
 
 
@@ -128,27 +133,23 @@ def bench_matrix(
       opd bench matrix
       opd bench matrix --from multirun/matrix-20261129-055407 --out experiments/bench_matrix.md
     """
-    from opd_cli.bench.matrix_bench import format_report, job_times, run_sweep
-    from opd_cli.cli import fail
-    from opd_cli.errors import OpdError
+    from opd_cli.bench import matrix_bench
 
     measured = None
     if from_dir is None:
         from_dir = Path("multirun") / time.strftime("bench-matrix-%Y%m%d-%H%M%S")
-        measured = run_sweep(from_dir, seeds, jobs, list(overrides))
+        measured = matrix_bench.run_sweep(from_dir, seeds, jobs, list(overrides))
     try:
-        times = job_times(from_dir)
+        times = matrix_bench.job_times(from_dir)
     except OpdError as exc:
         fail(str(exc))
     n_seeds = len({t.seed for t in times}) or 1
-    table = format_report(times, measured, n_seeds, str(from_dir))
+    table = matrix_bench.format_report(times, measured, n_seeds, str(from_dir))
     _emit(table, out)
 
 
 def _emit(table: str, out: str | Path | None) -> None:
     """Print a benchmark's Markdown table, and write it (atomically) to `out` when given."""
-    from opd_cli.io import atomic_write_text
-
     click.echo(table)
     if out:
         atomic_write_text(out, table + "\n")

@@ -26,6 +26,9 @@ import time
 
 import torch
 
+from opd_cli.losses import TeacherHidden, TeacherLogprobs, compute_loss, lm_head_logits
+from opd_cli.losses_chunked import chunked_loss
+
 CASES = (
     ("full_rkl", "full_rkl", {}, "hidden"),
     ("topk_rkl_stopgrad/student", "topk_rkl_stopgrad", {"support": "student"}, "hidden"),
@@ -55,8 +58,6 @@ def _reset_peak_rss() -> bool:
 
 def _make_inputs(spec: dict) -> dict:
     """Deterministic inputs; large tensors are built in row blocks so their temporaries stay small."""
-    from opd_cli.losses import TeacherHidden, TeacherLogprobs, lm_head_logits
-
     g = torch.Generator(device="cpu").manual_seed(spec["seed"])
     device, dtype = spec["device"], DTYPES[spec["dtype"]]
     vocab, hidden, n_tokens = spec["vocab"], spec["hidden"], spec["tokens"]
@@ -107,8 +108,6 @@ def _make_inputs(spec: dict) -> dict:
 
 def _naive_loss(spec: dict, inputs: dict) -> torch.Tensor:
     """The straightforward path: full [B, T, V] fp32 logits (and teacher log-probs), then compute_loss."""
-    from opd_cli.losses import TeacherLogprobs, compute_loss, lm_head_logits
-
     logits = lm_head_logits(inputs["hidden"], inputs["weight"])
     if spec["teacher_kind"] == "hidden":
         th = inputs["teacher_hidden"]
@@ -121,8 +120,6 @@ def _naive_loss(spec: dict, inputs: dict) -> torch.Tensor:
 
 
 def _chunked_loss(spec: dict, inputs: dict) -> torch.Tensor:
-    from opd_cli.losses_chunked import chunked_loss
-
     teacher = inputs["teacher_hidden"] if spec["teacher_kind"] == "hidden" else inputs["teacher_topk"]
     return chunked_loss(
         spec["loss"],

@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from opd_cli import rundir
+from opd_cli.verdicts import load_jobs
+
 TARGET_MIN_PER_SEED = 20.0  # the target: one seed of the full matrix in under 20 minutes
 
 
@@ -32,11 +35,9 @@ class JobTime:
 
 
 def job_times(sweep: Path) -> list[JobTime]:
-    from opd_cli.report import load_jobs
-
     out = []
     for job in load_jobs([sweep]):
-        status = job.path / "status.json"
+        status = job.path / rundir.STATUS
         if job.wall_s is None or not status.is_file():
             continue
         out.append(JobTime(job.cell, job.seed, job.status, float(job.wall_s), status.stat().st_mtime))

@@ -32,8 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from omegaconf import open_dict
 
 from opd_cli.errors import OpdError
+from opd_cli.launch import compose
+from opd_cli.learner import load_tokenizer
+from opd_cli.stages.common import load_task_and_data
+from opd_cli.stages.opd import OPDRun
+from opd_cli.teachers import student_prompt_ids
+from opd_cli.testbed.build import ensure_testbed
+from opd_cli.testbed.paths import resolve_model_path
 
 ENGINES = ("vllm", "hf", "trl")
 QUICK = {"batch": 8, "max_new_tokens": 16, "rounds": 1, "steps": 1}
@@ -59,11 +67,6 @@ class Contender:
 # ------------------------------------------------------------------------------------------------ opd
 def _opd_run(engine: str, batch: int, max_new_tokens: int, run_dir: Path):
     """An OPDRun on the testbed whose training set is exactly the bench's `batch` prompts."""
-    from omegaconf import open_dict
-
-    from opd_cli.cli import compose
-    from opd_cli.stages.opd import OPDRun
-
     cfg = compose(
         [
             f"rollout={engine}",
@@ -138,7 +141,6 @@ def _trl_trainer(prompt_ids: list[list[int]], max_new_tokens: int, out_dir: Path
         raise OpdError(
             f"TRL's GKDTrainer is not importable ({exc}); install the bench extra: pip install -e '.[bench]'"
         ) from exc
-    from opd_cli.testbed.paths import resolve_model_path
 
     class TimedGKD(GKDTrainer):
         @staticmethod
@@ -227,6 +229,7 @@ def run_step_bench(
     logging.getLogger("opd").setLevel(logging.WARNING)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    ensure_testbed()  # the bench's models are the testbed's (built on first use)
     tmp = Path(tempfile.mkdtemp(prefix="opd-bench-step-"))
     contenders: dict[str, Contender] = {}
     runners = {}
@@ -269,16 +272,11 @@ def run_step_bench(
 
 
 def _bench_prompts(batch: int, max_new_tokens: int, run_dir: Path) -> list[list[int]]:
-    from opd_cli.cli import compose
-    from opd_cli.learner import load_tokenizer
-    from opd_cli.stages.common import load_task_and_data
-    from opd_cli.teachers import PromptBuilder, chat_prompt_ids
-    from opd_cli.testbed.paths import resolve_model_path
-
     cfg = compose([f"task.train_size={batch}", "task.eval_size=1"])
     task, rows, _ = load_task_and_data(cfg.task)
     tok = load_tokenizer(resolve_model_path("testbed:student_sft"))
-    return [chat_prompt_ids(tok, PromptBuilder(task).messages(r)) for r in rows]
+    prompt_ids = student_prompt_ids(tok, task, enable_thinking=False)
+    return [prompt_ids(r) for r in rows]
 
 
 def _one_turn(name: str, runner, contender: Contender, steps: int) -> None:

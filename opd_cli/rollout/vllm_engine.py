@@ -78,6 +78,8 @@ from pathlib import Path
 
 import torch
 
+from opd_cli.distributed import full_state_dict
+from opd_cli.rollout import vllm_cpu_sync
 from opd_cli.rollout.base import (
     RolloutEngine,
     Sample,
@@ -316,8 +318,6 @@ class VLLMEngine(RolloutEngine):
     # ------------------------------------------------------------------ weights
     def _weights(self, model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
         target = _TORCH_DTYPES.get(str(self.dtype).replace("torch.", ""))
-        from opd_cli.distributed import full_state_dict
-
         state = full_state_dict(model)  # an FSDP-sharded learner is gathered here (collective)
         if (
             self.tie_word_embeddings
@@ -360,8 +360,6 @@ class VLLMEngine(RolloutEngine):
 
     def _build_cpu_plan(self, shapes: dict[str, tuple[int, ...]]):
         """The in-place CPU sync plan, or False (after saying why once) when it does not apply."""
-        from opd_cli.rollout import vllm_cpu_sync
-
         try:
             (plan,) = self.llm.apply_model(lambda model: vllm_cpu_sync.build_plan(model, shapes))
         except vllm_cpu_sync.NotApplicable as why:

@@ -1,4 +1,4 @@
-"""Setup shared by every stage: seeding, model paths, the task and its data."""
+"""Setup shared by every stage: seeding, model paths, the task and its data, the rollout engine."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from opd_cli import distributed
+from opd_cli.data import DataError
 from opd_cli.errors import OpdError
+from opd_cli.rollout import RolloutEngine, make_engine
 from opd_cli.tasks import Task, make_task
+from opd_cli.testbed.paths import resolve_model_path
 
 
 def seed_everything(seed: int) -> None:
@@ -19,11 +23,8 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_path(spec: str, cfg: DictConfig) -> str:
-    """`testbed:<name>` -> the testbed's model directory (built on first use); anything else unchanged."""
-    if not str(spec).startswith("testbed:"):
-        return str(spec)
-    from opd_cli.testbed.paths import resolve_model_path
-
+    """`testbed:<name>` -> the testbed's model directory (launch builds a missing testbed before the stage
+    starts); anything else unchanged."""
     return resolve_model_path(spec, cfg.get("testbed_dir"))
 
 
@@ -44,8 +45,6 @@ def task_options(task_cfg) -> dict:
 def load_task_and_data(task_cfg) -> tuple[Task, list[dict], list[dict]]:
     """(task, train rows, eval rows). Synthetic tasks generate both from `task.data_seed` (eval from a
     different stream, so the sets are independent); dataset tasks read `task.path` / `task.eval_path`."""
-    from opd_cli.data import DataError
-
     try:
         task = make_task(task_cfg.name, **task_options(task_cfg))
         if task_cfg.name == "math":
@@ -73,3 +72,37 @@ def load_task_and_data(task_cfg) -> tuple[Task, list[dict], list[dict]]:
             f"task={task_cfg.name}: the evaluation set is empty; set task.eval_path or task.eval_size"
         )
     return task, train, evals
+
+
+def teacher_enable_thinking(cfg: DictConfig) -> bool:
+    """The teacher's chat-template setting: `teacher.enable_thinking`, else the student's."""
+    thinking = cfg.teacher.get("enable_thinking")
+    return cfg.model.enable_thinking if thinking is None else thinking
+
+
+def rollout_engine(
+    cfg: DictConfig,
+    model_path: str,
+    device: torch.device,
+    *,
+    dtype: str,
+    kind: str | None = None,
+    model: torch.nn.Module | None = None,
+    data_parallel: bool = False,
+) -> RolloutEngine:
+    """The rollout engine for `model_path`: `kind`, else `rollout.engine`. vLLM gets the config's
+    `rollout.gpu_memory_utilization`, `rollout.max_model_len` and `seed`; with `data_parallel` (the OPD
+    learner) also `rollout.tensor_parallel_size`, and, with several ranks, vLLM joins their process group
+    (each group of tensor_parallel_size ranks forms one engine: TRL's colocate mode). `model`: the
+    learner's module, which the HF engine generates with and the vLLM engine syncs once."""
+    kind = kind or cfg.rollout.engine
+    options = {}
+    if kind == "vllm":
+        r = cfg.rollout
+        options = {"gpu_memory_utilization": r.gpu_memory_utilization, "max_model_len": r.max_model_len}
+        if data_parallel:
+            options["tensor_parallel_size"] = r.tensor_parallel_size
+        options["seed"] = cfg.seed
+        if data_parallel and distributed.world_size() > 1:
+            options["distributed_executor_backend"] = "external_launcher"
+    return make_engine(kind, model_path, device=device.type, dtype=dtype, model=model, **options)

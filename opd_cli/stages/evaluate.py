@@ -1,6 +1,8 @@
 """Evaluation: math accuracy and system-prompt internalization, through the same rollout engines.
 
-    opd eval checkpoint=outputs/.../checkpoints/step_000100            # see opd_cli/commands.py
+    opd eval checkpoint=testbed:student_sft --engine hf
+    opd eval checkpoint=testbed:opsd_base task=arith_concise --engine hf   # with vs without the system prompt
+    opd eval checkpoint=outputs/2026-11-29/10-00-00-000000/checkpoints/step_000100 eval.samples=8
 
 Accuracy is greedy exact-match by the task's verifier (math-verify for real math data), plus, with
 `eval.samples=n`, sampled avg@n and the unbiased pass@k. The report always carries mean response length,
@@ -10,6 +12,8 @@ length fakes an accuracy drop (a warning is printed above 5% truncation).
 For a task whose rows carry a system-prompt rule, the model is evaluated with and without the system
 prompt; the internalization score is (follow_without - base_follow_without) /
 (base_follow_with - base_follow_without) relative to the starting checkpoint's numbers.
+
+`greedy_accuracy` (the last section) evaluates a model held in memory; the testbed's build steps use it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,15 @@ from __future__ import annotations
 import logging
 import math
 
-from opd_cli.rollout.base import RolloutEngine, SamplingConfig
+import torch
+
+from opd_cli.learner import check_model_dir, load_tokenizer, pick_device
+from opd_cli.rollout import RolloutEngine, SamplingConfig
+from opd_cli.rollout.hf_engine import HFEngine
+from opd_cli.stages.common import load_task_and_data, resolve_path, rollout_engine
+from opd_cli.stages.sft import prompt_ids as sft_prompt_ids
 from opd_cli.tasks.base import Row, Task
+from opd_cli.teachers import student_prompt_ids
 
 log = logging.getLogger("opd")
 TRUNCATION_WARNING = 0.05
@@ -182,35 +193,13 @@ def headline(result: dict) -> dict[str, float]:
 
 def evaluate_checkpoint(cfg, checkpoint: str, engine_kind: str) -> dict:
     """`opd eval`: load a Hugging Face checkpoint and evaluate it on the configured task's eval set."""
-    import torch
-
-    from opd_cli.learner import check_model_dir, load_tokenizer, pick_device
-    from opd_cli.rollout.base import make_engine
-    from opd_cli.stages.common import load_task_and_data, resolve_path
-    from opd_cli.teachers import PromptBuilder, chat_prompt_ids
-
     path = resolve_path(checkpoint, cfg)
     check_model_dir(path)
     device = pick_device(cfg.trainer.device)
     task, _, rows = load_task_and_data(cfg.task)
     tokenizer = load_tokenizer(path)
     dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    opts = (
-        {
-            "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
-            "max_model_len": cfg.rollout.max_model_len,
-            "seed": cfg.seed,
-        }
-        if engine_kind == "vllm"
-        else {}
-    )
-    engine = make_engine(engine_kind, path, device=device.type, dtype=dtype, **opts)
-
-    def prompt_ids(row, system_prompt):
-        return chat_prompt_ids(
-            tokenizer, PromptBuilder(task, system_prompt).messages(row), cfg.model.enable_thinking
-        )
-
+    engine = rollout_engine(cfg, path, device, dtype=dtype, kind=engine_kind)
     try:
         e = cfg.eval
         return evaluate(
@@ -218,7 +207,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, engine_kind: str) -> dict:
             tokenizer,
             task,
             rows[: e.size],
-            prompt_ids,
+            student_prompt_ids(tokenizer, task, cfg.model.enable_thinking),
             max_new_tokens=e.max_new_tokens,
             samples=e.samples,
             temperature=e.temperature,
@@ -227,6 +216,72 @@ def evaluate_checkpoint(cfg, checkpoint: str, engine_kind: str) -> dict:
         )
     finally:
         engine.close()
+
+
+# --------------------------------------------------------------------- a model in memory (the testbed)
+# Greedy evaluation of a model on task rows through a rollout engine (the HF engine by default); the
+# testbed's build steps use it for their dev checks and the manifest's figures:
+#       greedy_accuracy(model, tokenizer, task, rows, max_new_tokens=96)
+#       # -> {"n", "accuracy", "well_formed", "answer_rate", "follows_rule": {"concise": ...}, "mean_length",
+#       #     "truncation_ratio", "hedging_rate"}
+#
+#   `mean_length` counts generated tokens (EOS included); `answer_rate` is the fraction of responses from
+#   which an answer could be extracted (a malformed base model scores ~0); `hedging_rate` the fraction of
+#   responses containing one of the task's hedging/revision tokens. Rule-following is measured per rule
+#   over the rows that carry that rule, whether or not the system line was shown (`system_prompt=False`
+#   measures internalization).
+
+
+def greedy_responses(
+    model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, engine: RolloutEngine | None = None
+) -> list:
+    """One greedy Sample per prompt."""
+    if engine is None:
+        engine = HFEngine(
+            None, model=model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+    return [
+        g[0] for g in engine.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True), 0)
+    ]
+
+
+def greedy_accuracy(
+    model,
+    tokenizer,
+    task: Task,
+    rows: list[Row],
+    *,
+    max_new_tokens: int,
+    engine: RolloutEngine | None = None,
+    system_prompt: bool = True,
+    messages_fn=None,
+) -> dict:
+    """Greedy exact-match accuracy and format statistics. `messages_fn(row)` overrides the prompt
+    (e.g. a teacher prompt carrying privileged information); default `task.messages(row, system_prompt)`."""
+    if not rows:
+        raise ValueError("greedy_accuracy: no rows")
+    make = messages_fn or (lambda r: task.messages(r, system_prompt=system_prompt))
+    prompts = [sft_prompt_ids(tokenizer, make(r)) for r in rows]
+    with torch.no_grad():
+        samples = greedy_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, engine=engine)
+    texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+    verdicts = [task.verify(r, t) for r, t in zip(rows, texts, strict=True)]
+    n = len(rows)
+    rules: dict[str, list[bool]] = {}
+    for r, v in zip(rows, verdicts, strict=True):
+        if v.follows_rule is not None:
+            rules.setdefault(str(r.get("system_prompt")), []).append(v.follows_rule)
+    hedges = list(getattr(task, "hedging_tokens", []) or [])
+    return {
+        "n": n,
+        "accuracy": sum(v.correct for v in verdicts) / n,
+        "well_formed": sum(v.well_formed for v in verdicts) / n,
+        "answer_rate": sum(v.answer is not None for v in verdicts) / n,
+        "follows_rule": {k: sum(f) / len(f) for k, f in sorted(rules.items())},
+        "mean_length": sum(s.num_tokens for s in samples) / n,
+        "truncation_ratio": sum(s.finish_reason == "length" for s in samples) / n,
+        "hedging_rate": sum(any(h in t for h in hedges) for t in texts) / n if hedges else 0.0,
+    }
 
 
 def format_table(result: dict) -> str:

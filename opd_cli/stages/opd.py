@@ -3,6 +3,7 @@
     opd run                                              # testbed OPD, CPU, vLLM rollouts
     opd run rollout=hf trainer.steps=50                  # transformers generate() instead of vLLM
     opd run task=arith_concise teacher=self_system model=opsd_base   # OPSD with a shared-rule PI
+    opd run experiment=opd_naive_topk_k5                 # one cell of the failure/fix matrix
     opd run resume=outputs/<date>/<time>                 # continue a killed run from its last checkpoint
     opd run trainer.nproc=2 rollout=hf                   # 2 data-parallel learner ranks (opd_cli/distributed.py)
     torchrun --nproc_per_node=8 -m opd_cli.cli run trainer.device=cuda   # 8 GPUs, one rank per GPU
@@ -21,7 +22,6 @@ positions) produces the same batches as one process.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from opd_cli import distributed, losses
+from opd_cli import distributed, losses, rundir
 from opd_cli.batching import ResponseForward, pack
 from opd_cli.checkpoint import latest_checkpoint, resume_point, save_checkpoint, set_rng_state
 from opd_cli.diagnostics import CollapseDetector, loss_signals, rollout_signals
@@ -47,18 +47,18 @@ from opd_cli.learner import (
 )
 from opd_cli.losses_chunked import chunked_loss
 from opd_cli.progress import StepProgress
-from opd_cli.rollout.base import SamplingConfig, derive_seed, make_engine
-from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
+from opd_cli.rollout import SamplingConfig, derive_seed
+from opd_cli.stages.common import (
+    load_task_and_data,
+    resolve_path,
+    rollout_engine,
+    seed_everything,
+    teacher_enable_thinking,
+)
 from opd_cli.stages.evaluate import evaluate, headline
 from opd_cli.teacher_server.client import TeacherServerError
-from opd_cli.teachers import (
-    PromptBuilder,
-    Teacher,
-    chat_prompt_ids,
-    check_same_vocabulary,
-    student_prompt_builder,
-    teacher_prompt_builder,
-)
+from opd_cli.teacher_server.scorer import build_vllm_teacher
+from opd_cli.teachers import Teacher, check_same_vocabulary, student_prompt_ids, teacher_prompt_builder
 from opd_cli.tracking import NullTracker, Tracker
 
 log = logging.getLogger("opd")
@@ -137,10 +137,11 @@ class OPDRun:
 
         # The OPSD teacher is a frozen copy of the step-0 student: the same checkpoint, loaded again.
         teacher_path = student_path if cfg.teacher.kind == "self_pi" else resolve_path(cfg.teacher.path, cfg)
-        self.student_prompts: PromptBuilder = student_prompt_builder(self.task, cfg.teacher)
-        if cfg.teacher.get("backend", "hf") == "vllm":  # top-K log-probs from vLLM (opd_cli/teacher_server)
-            from opd_cli.teacher_server.scorer import build_vllm_teacher
-
+        # the student's prompts never show what the teacher's privileged information replaces
+        self.prompt_ids = student_prompt_ids(
+            self.tokenizer, self.task, cfg.model.enable_thinking, cfg.teacher
+        )
+        if cfg.teacher.backend == "vllm":  # top-K log-probs from vLLM (opd_cli/teacher_server)
             self.teacher = build_vllm_teacher(
                 cfg, self.task, self.tokenizer, self.vocab_size, teacher_path, self.device, self.train_rows[0]
             )
@@ -184,15 +185,15 @@ class OPDRun:
         self.base_eval: dict | None = None
         self.final_eval: dict | None = None  # the last evaluation, once the run has finished
         self.skipped_batches = 0
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = self.run_dir / rundir.CHECKPOINTS
         resume_state = self.restore() if cfg.resume else None
-        self.engine = make_engine(
-            cfg.rollout.engine,
+        self.engine = rollout_engine(
+            cfg,
             student_path,
-            device=self.device.type,
+            self.device,
             dtype="bfloat16" if self.amp_dtype == torch.bfloat16 else "float32",
             model=self.model,
-            **self.engine_options(),
+            data_parallel=True,
         )
         if getattr(self.engine, "sync_fallback_reason", None):
             log.info("weight sync through reload_weights: %s", self.engine.sync_fallback_reason)
@@ -230,26 +231,8 @@ class OPDRun:
                 enabled=self.amp_dtype is not None and t_device.type == self.device.type,
             ),
             output_device=self.device,
-            enable_thinking=cfg.model.enable_thinking
-            if cfg.teacher.get("enable_thinking") is None
-            else cfg.teacher.enable_thinking,
+            enable_thinking=teacher_enable_thinking(cfg),
         )
-
-    def engine_options(self) -> dict:
-        if self.cfg.rollout.engine != "vllm":
-            return {}
-        r = self.cfg.rollout
-        options = {
-            "gpu_memory_utilization": r.gpu_memory_utilization,
-            "max_model_len": r.max_model_len,
-            "tensor_parallel_size": r.tensor_parallel_size,
-            "seed": self.cfg.seed,
-        }
-        if distributed.world_size() > 1:
-            # vLLM joins the learner's process group: each group of tensor_parallel_size ranks forms one
-            # engine (TRL's colocate mode); with tensor_parallel_size=1 every rank has its own engine.
-            options["distributed_executor_backend"] = "external_launcher"
-        return options
 
     def check_lengths(self) -> None:
         longest_prompt = max(len(self.prompt_ids(r)) for r in self.train_rows[:256])
@@ -265,10 +248,6 @@ class OPDRun:
                 f"prompt + rollout.max_new_tokens = {budget} tokens > rollout.max_model_len="
                 f"{self.cfg.rollout.max_model_len}; raise rollout.max_model_len"
             )
-
-    def prompt_ids(self, row: dict, system_prompt: bool | None = None) -> list[int]:
-        builder = self.student_prompts if system_prompt is None else PromptBuilder(self.task, system_prompt)
-        return chat_prompt_ids(self.tokenizer, builder.messages(row), self.cfg.model.enable_thinking)
 
     def restore(self) -> int:
         ckpt, state = resume_point(self.ckpt_root, "opd")
@@ -334,6 +313,7 @@ class OPDRun:
         return [by_index[i] for i in indices]
 
     def train_step(self) -> dict[str, float]:
+        """One step: rollout -> grade -> teacher score -> loss -> optimizer step -> weight sync."""
         cfg = self.cfg
         rows = batch_rows(self.train_rows, self.step, cfg.seed, cfg.trainer.prompts_per_step)
         indices = distributed.local_indices(len(rows))  # this rank's share of the global batch
@@ -344,19 +324,7 @@ class OPDRun:
         samples = [s for g in groups for s in g]
         sample_rows = [r for r, g in zip(rows, groups, strict=True) for _ in g]
         responses = [s.response_ids for s in samples]
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        verdicts = [self.task.verify(r, t) for r, t in zip(sample_rows, texts, strict=True)]
-        correct = [v.correct for v in verdicts]
-        # The step's signals describe the global batch: every rank sees every rank's rollouts.
-        graded = iter(zip(texts, verdicts, strict=True))
-        mine = [[(s.response_ids, s.finish_reason, *next(graded)) for s in g] for g in groups]
-        flat = [x for g in distributed.interleave(distributed.all_gather_objects(mine)) for x in g]
-        all_responses = [x[0] for x in flat]
-        all_correct = [x[3].correct for x in flat]
-        metrics = rollout_signals(
-            all_responses, [x[2] for x in flat], [x[1] for x in flat], self.hedging, all_correct
-        )
-        metrics["rollout_well_formed"] = sum(x[3].well_formed for x in flat) / len(flat)
+        correct, metrics, all_responses = self.grade(groups, sample_rows)
         t1 = time.perf_counter()
         if not any(all_responses):
             self.skipped_batches += 1
@@ -367,11 +335,67 @@ class OPDRun:
             )
             return {**metrics, "skipped_batches": self.skipped_batches}
 
-        kwargs = loss_kwargs(cfg.loss)
-        chunked = cfg.loss.chunk_size > 0
         # the cosine to the full reverse KL needs full teacher log-probs (not a top-K vLLM teacher's)
         full_teacher = getattr(self.teacher, "full_vocabulary", True)
-        diagnose = full_teacher and not chunked and (self.step + 1) % cfg.diagnostics.every == 0
+        diagnose = full_teacher and cfg.loss.chunk_size <= 0 and (self.step + 1) % cfg.diagnostics.every == 0
+        # teacher scoring and the loss's forward/backward, interleaved per micro-batch
+        loss_value, cosine, teacher_time, teacher_wait, per_token, masks = self.score_and_backward(
+            samples, sample_rows, responses, diagnose
+        )
+        metrics.update(self.global_loss_signals(*merge_micro_batches(per_token, masks), correct))
+        world = distributed.world_size()
+        if diagnose:  # with several ranks: the mean of the ranks' cosines
+            n_local = max(float(sum(len(r) for r in responses)), 1.0)
+            metrics["grad_cosine_to_full_rkl"] = (
+                distributed.all_reduce_sum(cosine / n_local, self.device) / world
+            )
+        metrics["loss"] = distributed.all_reduce_sum(loss_value, self.device) / world
+        metrics.update(self.learner.step())
+        t3 = time.perf_counter()
+        t2 = t1 + teacher_time  # teacher scoring is interleaved with the learner's micro-batches
+        sync = self.engine.sync_weights(self.model)
+        t4 = time.perf_counter()
+        metrics.update(
+            {
+                "time/rollout": t1 - t0,
+                "time/teacher": t2 - t1,
+                "time/learner": t3 - t2,
+                "time/sync": t4 - t3,
+                "time/step": t4 - t0,
+                "time/sync_fraction": sync / (t4 - t0),
+                **({} if full_teacher else {"time/teacher_requests": teacher_wait}),
+                "tokens": sum(len(r) for r in all_responses),
+            }
+        )
+        return metrics
+
+    def grade(self, groups: list[list], sample_rows: list[dict]) -> tuple[list[bool], dict, list[list[int]]]:
+        """(this rank's correctness per sample, the rollout signals of the global batch, the global
+        batch's responses): every rank sees every rank's graded rollouts."""
+        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for g in groups for s in g]
+        verdicts = [self.task.verify(r, t) for r, t in zip(sample_rows, texts, strict=True)]
+        graded = iter(zip(texts, verdicts, strict=True))
+        mine = [[(s.response_ids, s.finish_reason, *next(graded)) for s in g] for g in groups]
+        flat = [x for g in distributed.global_batch(mine) for x in g]
+        all_responses = [x[0] for x in flat]
+        metrics = rollout_signals(
+            all_responses,
+            [x[2] for x in flat],
+            [x[1] for x in flat],
+            self.hedging,
+            [x[3].correct for x in flat],
+        )
+        metrics["rollout_well_formed"] = sum(x[3].well_formed for x in flat) / len(flat)
+        return [v.correct for v in verdicts], metrics, all_responses
+
+    def score_and_backward(self, samples, sample_rows, responses, diagnose: bool):
+        """Per micro-batch: the teacher scores the responses, the student's loss is computed and
+        back-propagated (gradients accumulate into the step's one update). Returns (the loss's share of
+        this rank, the token-weighted gradient cosine to the full reverse KL, teacher seconds, of which
+        waiting for a teacher server, the micro-batches' per-token diagnostics and masks)."""
+        cfg = self.cfg
+        kwargs = loss_kwargs(cfg.loss)
+        chunked = cfg.loss.chunk_size > 0
         world = distributed.world_size()
         # The loss of each micro-batch is a mean over its own tokens (or sequences); rescaled by its count
         # x W / global count, the accumulated gradient (averaged over ranks by DDP) is the gradient of the
@@ -419,32 +443,7 @@ class OPDRun:
                     )
                 )
             del teacher_out, batch, out, anchor, logits, scaled  # before the next micro-batch allocates
-        metrics.update(self.global_loss_signals(*merge_micro_batches(per_token, masks), correct))
-        if diagnose:  # with several ranks: the mean of the ranks' cosines
-            n_local = max(float(sum(len(r) for r in responses)), 1.0)
-            metrics["grad_cosine_to_full_rkl"] = (
-                distributed.all_reduce_sum(cosine / n_local, self.device) / world
-            )
-        metrics["loss"] = distributed.all_reduce_sum(loss_value, self.device) / world
-        metrics.update(self.learner.step())
-        t3 = time.perf_counter()
-        t2 = t1 + teacher_time  # teacher scoring is interleaved with the learner's micro-batches
-        sync = self.engine.sync_weights(self.model)
-        t4 = time.perf_counter()
-        total_time = t4 - t0
-        metrics.update(
-            {
-                "time/rollout": t1 - t0,
-                "time/teacher": t2 - t1,
-                "time/learner": t3 - t2,
-                "time/sync": t4 - t3,
-                "time/step": total_time,
-                "time/sync_fraction": sync / total_time,
-                **({} if full_teacher else {"time/teacher_requests": teacher_wait}),
-                "tokens": sum(len(r) for r in all_responses),
-            }
-        )
-        return metrics
+        return loss_value, cosine, teacher_time, teacher_wait, per_token, masks
 
     def micro_loss(self, batch, teacher_out, kwargs: dict):
         """The loss on one packed micro-batch, under autocast: (LossOutput, the forward output that
@@ -480,33 +479,14 @@ class OPDRun:
         return float(sum(len(r) for r in responses))
 
     def micro_batches(self, n: int) -> list[tuple[slice, bool]]:
-        """(slice of this rank's n samples, real) per micro-batch of trainer.micro_batch_size sequences
-        (0 = one micro-batch). Every rank runs as many micro-batches as the busiest rank, because DDP and
-        FSDP forwards and backwards are collectives: a rank with fewer repeats its last one at weight 0
-        (real=False: no gradient, no metrics)."""
-        size = self.cfg.trainer.micro_batch_size
-        if size <= 0:
-            return [(slice(0, n), True)]
-        parts = [(slice(start, min(start + size, n)), True) for start in range(0, n, size)]
-        busiest = max(math.ceil(c / size) for c in distributed.all_gather_objects(n))
-        return parts + [(parts[-1][0], False)] * (busiest - len(parts))
+        """(slice, real) per micro-batch of this rank's n samples (distributed.micro_batch_slices)."""
+        return distributed.micro_batch_slices(n, self.cfg.trainer.micro_batch_size)
 
     def global_loss_signals(self, per_token: dict, mask: torch.Tensor, correct: list[bool]) -> dict:
         """loss_signals over the global batch (every rank's per-token diagnostics, padded to one width)."""
         if distributed.world_size() == 1:
             return loss_signals(per_token, mask, correct)
-        parts = distributed.all_gather_objects(
-            ({k: v.detach().cpu() for k, v in per_token.items()}, mask.cpu(), list(correct))
-        )
-        width = max(m.shape[1] for _, m, _ in parts)
-
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, width - t.shape[1]))
-
-        merged = {k: torch.cat([pad(d[k]) for d, _, _ in parts]) for k in parts[0][0]}
-        return loss_signals(
-            merged, torch.cat([pad(m) for _, m, _ in parts]), [c for _, _, cs in parts for c in cs]
-        )
+        return loss_signals(*distributed.gather_padded(per_token, mask, correct))
 
     def _behavior_logprobs(self, samples, shape) -> torch.Tensor:
         out = torch.zeros(shape, dtype=torch.float32)
@@ -533,7 +513,7 @@ class OPDRun:
         )
         result["step"] = self.step
         if distributed.is_main():  # every rank evaluates (a shared vLLM engine needs all), rank 0 writes
-            atomic_write_json(self.run_dir / "eval" / f"step_{self.step:06d}.json", result)
+            atomic_write_json(rundir.eval_path(self.run_dir, self.step), result)
         if self.base_eval is None:
             self.base_eval = result
         return result

@@ -1,8 +1,8 @@
 """The prefix probe (the paper's mechanism-1 experiment): does the teacher still solve the problem when
 it must continue from the student's prefix instead of its own?
 
-    opd probe teacher=large                                # testbed: teacher_large on student_sft prefixes
-    opd probe teacher=rlvr probe.n=200                     # the RLVR-adapted teacher instead
+    opd probe teacher=large -n 200                         # testbed: teacher_large on student_sft prefixes
+    opd probe teacher=rlvr -n 200                          # the RLVR-adapted teacher instead
 
 For each problem the student samples a response; it is cut at a uniformly random token; the teacher
 continues greedily from `teacher prompt + student prefix`. Compared with the teacher's own greedy
@@ -18,9 +18,9 @@ import random
 from opd_cli.diagnostics import hedging_count
 from opd_cli.errors import OpdError
 from opd_cli.learner import load_model, load_tokenizer, pick_device
-from opd_cli.rollout.base import SamplingConfig, derive_seed, make_engine
-from opd_cli.stages.common import load_task_and_data, resolve_path
-from opd_cli.teachers import PromptBuilder, chat_prompt_ids, check_same_vocabulary
+from opd_cli.rollout import SamplingConfig, derive_seed, make_engine
+from opd_cli.stages.common import load_task_and_data, resolve_path, teacher_enable_thinking
+from opd_cli.teachers import PromptBuilder, chat_prompt_ids, check_same_vocabulary, student_prompt_ids
 
 
 def run_probe(cfg, n: int, seed: int) -> dict:
@@ -41,11 +41,11 @@ def run_probe(cfg, n: int, seed: int) -> dict:
     teacher = make_engine(
         "hf", teacher_path, device=device.type, model=load_model(teacher_path, device, trainable=False)
     )
-    builder = PromptBuilder(task)
-    s_think = cfg.model.enable_thinking
-    t_think = s_think if cfg.teacher.get("enable_thinking") is None else cfg.teacher.enable_thinking
-    prompts_s = [chat_prompt_ids(s_tok, builder.messages(r), s_think) for r in rows]
-    prompts_t = [chat_prompt_ids(t_tok, builder.messages(r), t_think) for r in rows]
+    student_prompt = student_prompt_ids(s_tok, task, cfg.model.enable_thinking)
+    prompts_s = [student_prompt(r) for r in rows]
+    # the teacher answers the same question, in its own chat template
+    t_think = teacher_enable_thinking(cfg)
+    prompts_t = [chat_prompt_ids(t_tok, PromptBuilder(task).messages(r), t_think) for r in rows]
     max_new = cfg.eval.max_new_tokens
     greedy = SamplingConfig(max_new_tokens=max_new, greedy=True)
 

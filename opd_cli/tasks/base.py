@@ -21,9 +21,6 @@ from typing import Any, ClassVar
 Row = dict[str, Any]
 RuleChecker = Callable[[Row, str], bool]
 
-REQUIRED_FIELDS = ("problem", "answer")
-OPTIONAL_FIELDS = ("solution", "system_prompt")
-
 
 @dataclass(frozen=True)
 class Verdict:

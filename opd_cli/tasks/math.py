@@ -21,6 +21,7 @@ import re
 import threading
 from typing import Any, ClassVar
 
+from opd_cli.data import DataError, load_rows
 from opd_cli.tasks.base import Row, Task
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -169,8 +170,6 @@ class MathTask(Task):
         return out
 
     def load(self, limit: int | None = None) -> list[Row]:
-        from opd_cli.data import DataError, load_rows
-
         if not self.path:
             raise DataError(
                 "the math task has no dataset; set task.path to a local file/directory or a hub dataset name"

@@ -33,60 +33,58 @@ def servers(value) -> list[str]:
     return [str(u).rstrip("/") for u in items]
 
 
-def validate_teacher_backend(c) -> None:
-    """Raise ConfigError for a teacher.backend / teacher.server / loss combination that cannot run."""
-    from opd_cli.config import ConfigError
-
+def teacher_backend_problem(c) -> str | None:
+    """What is wrong with a teacher.backend / teacher.server / loss combination that cannot run (one line
+    for config.validate to raise), or None."""
     t = c.teacher
     if t.backend not in BACKENDS:
-        raise ConfigError(
-            f"teacher.backend={t.backend!r} is not allowed; choose one of: {', '.join(BACKENDS)}"
-        )
+        return f"teacher.backend={t.backend!r} is not allowed; choose one of: {', '.join(BACKENDS)}"
     urls = servers(t.server)
     if t.backend == "hf":
         if urls:
-            raise ConfigError(
+            return (
                 f"teacher.server={t.server} needs teacher.backend=vllm (a server returns top-K log-probs "
                 f"from vLLM); add teacher.backend=vllm or drop teacher.server"
             )
-        return
+        return None
     for url in urls:
         if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", url):
-            raise ConfigError(
+            return (
                 f"teacher.server={url!r} is not a URL; pass the one `opd teacher serve` prints, e.g. "
                 f"teacher.server=http://127.0.0.1:8000 (or a list: teacher.server=[http://a:8000,http://b:8000])"
             )
     name = c.loss.name
     if name in FULL_VOCAB_LOSSES:
-        raise ConfigError(
+        return (
             f"loss={name} needs the teacher's log-probs over the whole vocabulary, but teacher.backend=vllm "
             f"returns only its top-K and the sampled token's; {ALTERNATIVES}"
         )
     if name.startswith("topk_") and c.loss.support not in TOPK_SUPPORTS:
-        raise ConfigError(
+        return (
             f"loss={name} with loss.support={c.loss.support} needs log q at the student's top-K tokens, which "
             f"a vLLM teacher did not return when they are outside its own top-K; {ALTERNATIVES}"
         )
     if urls and t.kind == "self_pi" and c.stabilization.kind == "sft":
-        raise ConfigError(
+        return (
             "teacher.kind=self_pi with stabilization=sft: the OPSD teacher is the student after its SFT stage, "
             "which this run creates, so no server can hold it yet; use teacher.server=null (vLLM in process) "
             "or serve the SFT'd student and run without stabilization (model.path=<its directory>)"
         )
     if not urls and c.trainer.nproc > 1:
-        raise ConfigError(
+        return (
             f"teacher.backend=vllm in process with trainer.nproc={c.trainer.nproc} would start one teacher "
             f"engine per rank; serve it once (`opd teacher serve`) and pass teacher.server=<its URL>"
         )
     for key in ("timeout_s", "retry_backoff_s"):
         if getattr(t, key) <= 0:
-            raise ConfigError(f"teacher.{key}={getattr(t, key)!r} must be > 0")
+            return f"teacher.{key}={getattr(t, key)!r} must be > 0"
     if t.retries < 0:
-        raise ConfigError(f"teacher.retries={t.retries!r} must be >= 0")
+        return f"teacher.retries={t.retries!r} must be >= 0"
     if t.max_request_tokens < 1:
-        raise ConfigError(f"teacher.max_request_tokens={t.max_request_tokens!r} must be >= 1")
+        return f"teacher.max_request_tokens={t.max_request_tokens!r} must be >= 1"
     if t.tensor_parallel_size < 1:
-        raise ConfigError(f"teacher.tensor_parallel_size={t.tensor_parallel_size!r} must be >= 1")
+        return f"teacher.tensor_parallel_size={t.tensor_parallel_size!r} must be >= 1"
+    return None
 
 
 def logprobs_k(loss_cfg) -> int:

@@ -36,6 +36,8 @@ import urllib.request
 import click
 
 from opd_cli.errors import OpdError
+from opd_cli.errors import exit_bad_input as fail
+from opd_cli.launch import compose, prevalidate
 
 
 def vllm_launcher() -> list[str]:
@@ -149,8 +151,8 @@ def serve_cmd(
       opd teacher serve experiment=qwen3_opd_8b_topk teacher.tensor_parallel_size=4 --host 0.0.0.0
       opd teacher serve --dry-run
     """
-    from opd_cli.cli import compose, fail, prevalidate
-    from opd_cli.distributed import free_port
+
+    from opd_cli.distributed import free_port  # torch: `opd --help` starts without it
 
     args = list(overrides)  # recipe overrides, then the first flag opd does not know and what follows: vLLM's
     first_flag = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))

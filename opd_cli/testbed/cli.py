@@ -11,6 +11,8 @@ import sys
 
 import click
 
+from opd_cli.testbed.paths import load_manifest, missing_models, testbed_dir
+
 COLUMNS = (
     "accuracy",
     "well_formed",
@@ -50,8 +52,7 @@ def build_cmd(out: str | None, seed: int, force: bool) -> None:
     """
     import logging
 
-    from opd_cli.testbed.build import build_testbed
-    from opd_cli.testbed.paths import testbed_dir
+    from opd_cli.testbed.build import build_testbed  # torch, transformers: when it runs
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = build_testbed(testbed_dir(out), seed=seed, force=force, progress=True)
@@ -73,8 +74,6 @@ def status_cmd(directory: str | None) -> None:
     Example:
       opd testbed status
     """
-    from opd_cli.testbed.paths import load_manifest, missing_models, testbed_dir
-
     root = testbed_dir(directory)
     manifest = load_manifest(root)
     if manifest is None:

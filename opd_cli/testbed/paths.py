@@ -4,14 +4,14 @@
     resolve_model_path("Qwen/Qwen3-1.7B")              # -> unchanged
 
 The testbed directory is the `testbed_dir` argument, else $OPD_TESTBED_DIR, else the checkpoints shipped
-inside the package (`opd_cli/testbed/assets`, built by `opd testbed build`). A directory without a
-manifest is built first (a few minutes on a CPU), with a log line saying so.
+inside the package (`opd_cli/testbed/assets`, built by `opd testbed build`). This module only names
+paths: a missing testbed is built on first use by the commands that need one (`build.ensure_for_config`,
+called by `opd run` / `opd eval` / `opd probe` / `opd bench step` before a stage starts).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -21,8 +21,6 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 MANIFEST = "manifest.json"
 MODEL_NAMES = ("student_base", "student_sft", "teacher_large", "teacher_rlvr", "opsd_base")
 PREFIX = "testbed:"
-
-log = logging.getLogger("opd")
 
 
 def testbed_dir(testbed_dir: str | os.PathLike | None = None) -> Path:
@@ -51,23 +49,8 @@ def missing_models(directory: str | os.PathLike | None = None) -> list[str]:
     return [n for n in MODEL_NAMES if not (root / n / "config.json").is_file()]
 
 
-def ensure_testbed(directory: str | os.PathLike | None = None) -> Path:
-    """The testbed directory, built first if its manifest or a model is missing."""
-    root = testbed_dir(directory)
-    if missing_models(root):
-        log.warning(
-            "testbed not found at %s: building it now (a few minutes on a CPU; `opd testbed build` "
-            "does this ahead of time)",
-            root,
-        )
-        from opd_cli.testbed.build import build_testbed
-
-        build_testbed(root)
-    return root
-
-
-def resolve_model_path(spec: str, testbed_dir: str | os.PathLike | None = None) -> str:
-    """`testbed:<name>` -> `<testbed dir>/<name>` (building the testbed if needed); other specs unchanged."""
+def model_dir(spec: str, directory: str | os.PathLike | None = None) -> str:
+    """`testbed:<name>` -> `<testbed dir>/<name>`, built or not; other specs unchanged."""
     spec = str(spec)
     if not spec.startswith(PREFIX):
         return spec
@@ -77,7 +60,19 @@ def resolve_model_path(spec: str, testbed_dir: str | os.PathLike | None = None) 
             f"unknown testbed model {name!r} in {spec!r}; allowed: "
             + ", ".join(PREFIX + n for n in MODEL_NAMES)
         )
-    return str(ensure_testbed(testbed_dir) / name)
+    return str(testbed_dir(directory) / name)
+
+
+def resolve_model_path(spec: str, directory: str | os.PathLike | None = None) -> str:
+    """`model_dir` of a model that must be there: a testbed model that is not built is an error naming
+    `opd testbed build`."""
+    path = model_dir(spec, directory)
+    if str(spec).startswith(PREFIX) and Path(path).name in missing_models(directory):
+        raise OpdError(
+            f"testbed model {Path(path).name} is not built in {testbed_dir(directory)}; run `opd testbed "
+            f"build` (opd run, eval, probe and bench step build it on first use)"
+        )
+    return path
 
 
 def testbed_status(directory: str | os.PathLike | None = None) -> str:

@@ -1,41 +1,21 @@
-"""The training loop as a user runs it: `opd run` subprocesses with tiny budgets on tiny random models.
+"""The OPD stage (opd_cli/stages/opd.py) as a user runs it: `opd run` subprocesses with tiny budgets on
+tiny random models, and the teacher/student alignment it relies on.
 
 Each run is a few steps of 4-8 prompts, so these check wiring, files and exactness (resume, alignment,
 weight sync), not learning; learning is the testbed's and the matrix's business.
-Kill-and-resume, bad inputs and run-directory safety are in test_reliability.py.
+Kill-and-resume, bad inputs and run-directory safety are in test_reliability.py; the micro-batched step
+in test_microbatch.py; data-parallel ranks in test_scale.py.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_opd
+from conftest import base_args, metrics, opd
 
 from opd_cli.batching import pack, response_hidden_and_logits
-
-TINY = [
-    "trainer.prompts_per_step=4",
-    "eval.size=4",
-    "eval.max_new_tokens=24",
-    "rollout.max_new_tokens=24",
-    "logger=none",
-    "task.train_size=64",
-]
-
-
-def opd(*args: str, cwd: Path | None = None, timeout: int = 600):
-    return run_opd(*args, cwd=cwd, timeout=timeout)
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def base_args(models, *extra: str) -> list[str]:
-    return [f"model.path={models['student']}", f"teacher.path={models['teacher']}", *TINY, *extra]
 
 
 @pytest.mark.slow
@@ -114,28 +94,6 @@ def test_opd_run_with_vllm_rollouts_and_offline_wandb(models, tmp_path):
 
 
 @pytest.mark.slow
-def test_opd_eval_prints_a_table_and_writes_json(models, tmp_path):
-    out = tmp_path / "eval.json"
-    res = opd(
-        "eval",
-        f"checkpoint={models['student']}",
-        "eval.size=4",
-        "eval.max_new_tokens=16",
-        "--engine",
-        "hf",
-        "--out",
-        str(out),
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "accuracy" in res.stdout and "truncation_ratio" in res.stdout
-    result = json.loads(out.read_text())
-    assert result["main"]["n"] == 4 and 0.0 <= result["main"]["accuracy"] <= 1.0
-    res = opd("eval", f"checkpoint={tmp_path}", "--engine", "hf", cwd=tmp_path)
-    assert res.returncode == 2 and "is not a model directory" in res.stderr
-
-
-@pytest.mark.slow
 def test_multirun_2x2_smoke(models, tmp_path):
     res = opd(
         "run",
@@ -203,88 +161,3 @@ def test_pack_gathers_the_positions_that_predict_each_response_token(tiny_model_
         for t in range(len(r)):  # padded batch vs one sequence: fp32 round-off only (see the test above)
             assert torch.allclose(logits[i, t], full[len(p) - 1 + t], atol=1e-4)
     assert batch.response_mask.tolist() == [[True, True, True], [True, False, False]]
-
-
-@pytest.mark.slow
-def test_rlvr_stage_produces_a_teacher_checkpoint_that_opd_can_use(models, tmp_path):
-    rl = tmp_path / "rl"
-    res = opd(
-        "run",
-        "stage=rlvr",
-        f"model.path={models['student']}",
-        *TINY,
-        "rollout=hf",
-        "rollout.n=4",
-        "trainer.steps=2",
-        f"hydra.run.dir={rl}",
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert (rl / "model" / "config.json").exists()
-    rows = [r for r in metrics(rl) if "reward" in r]
-    assert [r["step"] for r in rows] == [1, 2] and "informative_groups" in rows[0]
-    res = opd(
-        "run",
-        *base_args(
-            models,
-            "teacher=rlvr",
-            f"teacher.path={rl / 'model'}",
-            "trainer.steps=1",
-            "rollout=hf",
-            f"hydra.run.dir={tmp_path / 'opd'}",
-        ),
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-
-
-@pytest.mark.slow
-def test_sft_then_opd(models, tmp_path):
-    run_dir = tmp_path / "run"
-    res = opd(
-        "run",
-        *base_args(
-            models,
-            "stabilization=sft",
-            "stabilization.source=reference",
-            "stabilization.steps=3",
-            "stabilization.num_traces=64",
-            "trainer.steps=1",
-            "rollout=hf",
-            f"hydra.run.dir={run_dir}",
-        ),
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    stats = json.loads((run_dir / "sft_student" / "sft_stats.json").read_text())
-    assert stats["kept"] == 64 and stats["nll_after"] < stats["nll_before"]
-    assert (run_dir / "sft_student" / "DONE").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_sft_stage_writes_its_teacher_traces_with_vllm(tmp_path):
-    """stage=sft with rollout=vllm: the trace writer (the testbed's RLVR teacher, mostly right) runs in
-    vLLM, is closed, and the base student is fine-tuned micro-batched and chunked on the kept traces."""
-    run_dir = tmp_path / "run"
-    res = opd(
-        "run",
-        "stage=sft",
-        "model=student_base",
-        "rollout=vllm",
-        "logger=none",
-        "stabilization=sft",
-        "stabilization.source=teacher",
-        "stabilization.trace_model=testbed:teacher_rlvr",
-        "stabilization.num_traces=24",
-        "stabilization.steps=2",
-        "stabilization.batch_size=8",
-        "trainer.micro_batch_size=3",
-        "loss.chunk_size=64",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    stats = json.loads((run_dir / "model" / "sft_stats.json").read_text())
-    assert stats["traces"] == 24 and 4 <= stats["kept"] <= 24, stats  # T=1 samples: 8 kept when written
-    assert stats["nll_after"] < stats["nll_before"]

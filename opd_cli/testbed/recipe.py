@@ -1,0 +1,136 @@
+"""The testbed's recipe: every size, budget and stopping criterion of the build (`RECIPE`), and the hashes
+that say whether a built step is still the recipe's (manifest `config_hash`, each step's `stage_hash`).
+What the recipe builds and why: opd_cli/testbed/build.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+MANIFEST_FORMAT = 1
+HINT_TEMPLATE = "{problem}\nH:{answer}"  # conf/teacher/self_answer.yaml
+SOLUTION_TEMPLATE = "{problem}\nR:{solution}"  # conf/teacher/self_solution.yaml
+
+# The whole recipe; its hash is the manifest's config_hash. Step budgets are caps: the stop_at criteria
+# (greedy accuracy on a dev set, checked every eval_every steps) end most steps earlier.
+RECIPE: dict = {
+    "task": {"name": "arith", "digits": 3},
+    # 32768 training problems (of 810k): SFT sees each about once, so it learns addition, not the set;
+    # data/<task>/train.jsonl ships the first `shipped_train` of them (the rest regenerate from the seed)
+    "data": {"train": 32768, "shipped_train": 4096, "eval": 500, "dev": 200},
+    "student": {"hidden_size": 64, "num_layers": 2, "head_dim": 32},
+    "teacher": {"hidden_size": 96, "num_layers": 3, "head_dim": 32, "intermediate_size": 192},
+    # half the strings are a bare response, half answer a user turn holding another generic string, so the
+    # base model knows the chat format (it answers a task prompt with text) but not the task
+    "student_base": {
+        "strings": 8192,
+        "max_len": 24,
+        "with_user_turn": 0.5,
+        "steps": 150,
+        "batch_size": 64,
+        "lr": 2e-3,
+        "warmup_ratio": 0.05,
+    },
+    "student_sft": {
+        "init": "scratch",
+        "steps": 800,
+        "batch_size": 64,
+        "lr": 2e-3,
+        "warmup_ratio": 0.02,
+        "schedule": "constant",
+        "eval_every": 10,
+        "eval_below_loss": 0.35,
+        "stop_at": 0.70,
+    },
+    "teacher_large": {
+        "revise_prob": 0.3,
+        "steps": 1400,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "warmup_ratio": 0.05,
+        "schedule": "cosine",
+        "eval_every": 50,
+        "eval_below_loss": 0.15,
+        "stop_at": 0.97,
+    },
+    "teacher_rlvr": {
+        "steps": 200,
+        "prompts_per_step": 16,
+        "samples_per_prompt": 8,
+        "lr": 1e-4,
+        "clip_eps": 0.2,
+        "temperature": 1.0,
+        "max_new_tokens": 48,
+        "eval_every": 5,
+        "stop_at": 0.97,
+    },
+    # stops when the plain prompt reaches stop_at AND the concise scratchpad under S:concise reaches
+    # stop_at_system: the shared-rule teacher must be about as accurate as the student it teaches, or
+    # OPSD with the rule trades accuracy for length. The concise scratchpad (column sums without
+    # operands) is learned much later than the full one (hence its large share of the mix), so by then
+    # the full scratchpad is near saturation: opsd_base is strong (~95%) without PI. A `system_switch` fraction of the S:concise traces start with full
+    # steps and switch to concise ones (see build_opsd_base).
+    "opsd_base": {
+        "mix": {"plain": 0.25, "hint": 0.15, "solution": 0.05, "system": 0.55},
+        "hint_direct": 0.5,
+        "system_switch": 0.3,
+        "switch_later": 0.35,
+        "steps": 2400,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "warmup_ratio": 0.02,
+        "schedule": "constant",
+        "eval_every": 20,
+        "eval_below_loss": 0.2,
+        "stop_at": 0.65,
+        "stop_at_system": 0.9,
+    },
+    "eval": {
+        "max_new_tokens": 96,
+        "dev_max_new_tokens": 64,
+        "topk": 5,
+        "overlap_prompts": 128,
+        "overlap_max_new_tokens": 64,
+        "prefix_prompts": 200,
+    },
+}
+# what each step loads from other steps (the build runs a step once these are built)
+PARENTS = {"teacher_rlvr": ("student_sft",)}
+# the order in which ready steps start (longest first, so two workers finish together)
+PRIORITY = ("opsd_base", "teacher_large", "student_sft", "student_base", "teacher_rlvr")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_seed(seed: int, name: str) -> int:
+    """A stable 31-bit seed for one step of the build."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=4).digest(), "little") >> 1
+
+
+def parents_of(name: str, recipe: dict) -> tuple[str, ...]:
+    if name == "student_sft" and recipe["student_sft"]["init"] == "student_base":
+        return ("student_base",)
+    return PARENTS.get(name, ())
+
+
+def config_hash(recipe: dict = RECIPE) -> str:
+    return _hash({"format": MANIFEST_FORMAT, "recipe": recipe})
+
+
+def stage_hash(name: str, recipe: dict, seed: int) -> str:
+    """What a step's weights depend on: its recipe, the shared parts, the seed and its parents' hashes."""
+    shared = {k: recipe[k] for k in ("task", "data", "student", "teacher")}
+    parents = [stage_hash(p, recipe, seed) for p in parents_of(name, recipe)]
+    return _hash({"name": name, "recipe": recipe[name], "shared": shared, "seed": seed, "parents": parents})
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
