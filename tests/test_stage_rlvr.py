@@ -111,3 +111,38 @@ def test_rlvr_stage_produces_a_teacher_checkpoint_that_opd_can_use(models, tmp_p
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.vllm
+def test_rlvr_stage_builds_its_vllm_engine_from_the_config(models, tmp_path, monkeypatch):
+    """stage=rlvr's engine gets rollout.max_model_len (the Qwen3 GRPO recipe sets 10,240), the KV-cache
+    fraction and the seed from the config; it was built with the engine's defaults."""
+    pytest.importorskip("vllm")
+    from omegaconf import open_dict
+
+    import opd_cli.stages.rlvr as rlvr
+    from opd_cli.launch import compose
+
+    class Built(Exception):
+        pass
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["engine"] = rlvr_engine(*args, **kwargs)
+        raise Built  # the engine is what this test is about: stop before training
+
+    rlvr_engine = rlvr.rollout_engine
+    monkeypatch.setattr(rlvr, "rollout_engine", spy)
+    cfg = compose(
+        ["stage=rlvr", f"model.path={models['student']}", *TINY, "rollout=vllm", "rollout.n=2"]
+        + ["rollout.max_model_len=200", "trainer.steps=1"]
+    )
+    with open_dict(cfg):
+        del cfg["hydra"]
+    with pytest.raises(Built):
+        rlvr.run(cfg, tmp_path / "rl")
+    try:
+        assert seen["engine"].llm.llm_engine.model_config.max_model_len == 200
+    finally:
+        seen["engine"].close()

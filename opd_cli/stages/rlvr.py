@@ -51,8 +51,8 @@ from opd_cli.checkpoint import resume_point, save_checkpoint, set_rng_state
 from opd_cli.errors import OpdError
 from opd_cli.io import atomic_write_json
 from opd_cli.learner import Learner, autocast_dtype, load_model, load_tokenizer, pick_device
-from opd_cli.rollout import RolloutEngine, SamplingConfig, derive_seed, make_engine
-from opd_cli.stages.common import load_task_and_data, resolve_path, seed_everything
+from opd_cli.rollout import RolloutEngine, SamplingConfig, derive_seed
+from opd_cli.stages.common import load_task_and_data, resolve_path, rollout_engine, seed_everything
 from opd_cli.stages.evaluate import evaluate, headline
 from opd_cli.stages.sft import _progress, prompt_ids
 from opd_cli.tasks.base import Row, Task
@@ -83,7 +83,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if state is not None:
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", ckpt, state["step"])
-    engine = make_engine(cfg.rollout.engine, path, device=device.type, model=model)
+    # the config's engine settings (rollout.max_model_len: the Qwen3 GRPO recipe's 10,240-token
+    # sequences, gpu_memory_utilization, seed) and bf16 where the learner autocasts to it
+    amp = autocast_dtype(device, cfg.model.dtype)
+    engine = rollout_engine(
+        cfg, path, device, dtype="bfloat16" if amp == torch.bfloat16 else "float32", model=model
+    )
     tracker = Tracker(
         run_dir,
         OmegaConf.to_container(cfg, resolve=True),
