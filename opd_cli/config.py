@@ -126,7 +126,7 @@ class TrainerConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    # AdamW's eps (the OPD learner's, like betas). Adam's update g / (sqrt(v) + eps) turns a gradient entry
+    # AdamW's eps (the OPD and GRPO learners', like betas; the SFT stage keeps AdamW's defaults). Adam's update g / (sqrt(v) + eps) turns a gradient entry
     # that is ~0 up to float round-off into a move of up to lr; a larger eps (1e-6 for bf16, or 1e-2 in the
     # equality tests) bounds that: an entry then moves by at most lr * |g| / eps
     adam_eps: float = 1e-8

@@ -211,6 +211,8 @@ class GRPOOptions:
     warmup_ratio: float = 0.0
     schedule: str = "constant"  # constant | cosine | linear
     weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW's
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
     updates_per_step: int = 1  # minibatches (optimizer steps) per rollout batch
     system_prompt: bool = True  # the policy's prompts include the row's system prompt
@@ -235,6 +237,8 @@ class GRPOOptions:
             warmup_ratio=tc.warmup_ratio,
             schedule=tc.schedule,
             weight_decay=tc.weight_decay,
+            betas=tuple(tc.betas),
+            adam_eps=tc.adam_eps,
             grad_clip=tc.grad_clip,
             enable_thinking=cfg.model.enable_thinking,
             save_every=tc.save_every,
@@ -287,6 +291,8 @@ def grpo_train(
         lr=o.lr,
         total_steps=o.steps * o.updates_per_step,
         weight_decay=o.weight_decay,
+        betas=o.betas,
+        eps=o.adam_eps,
         grad_clip=o.grad_clip,
         warmup_ratio=o.warmup_ratio,
         schedule=o.schedule,
