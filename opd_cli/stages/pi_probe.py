@@ -1,0 +1,330 @@
+"""The PI-dependence probe (the paper's mechanism 3): how much does an OPSD teacher depend on privileged
+information (PI) that the student cannot supply itself?
+
+    opd probe-pi experiment=opsd_answer_pi -n 200       # PI = the answer (instance-specific)
+    opd probe-pi experiment=opsd_solution_pi -n 200     # PI = the full reference solution
+    opd probe-pi experiment=opsd_system_rule -n 200     # PI = the shared S:concise system rule
+    opd probe-pi teacher=self_answer model=opsd_base rollout=hf --samples 8 --out pi_answer.json
+
+The student never sees I, so OPSD's optimum is the normalized geometric mean of the PI-conditioned
+teachers, p*(.|x) ∝ exp(E_I' log q(.|x, I')) (../../shared/PAPER.md, mechanism 3). For N of the student's
+own T=1 rollouts y (the sequences the OPD loss trains on), at every response position t (the positions
+`teachers.Teacher.score` scores and the loss averages over) this measures
+
+    E KL( q(.|x, I, y<t) || q(.|x, I', y<t) )          and          E KL( q(.|x, I, y<t) || q_bar(.|x, y<t) )
+
+where q is the frozen step-0 student under the teacher's prompt, I the row's reference PI, and I' what the
+student would put in its place:
+- student:  its own answer / solution, from `samples` further rollouts of the same prompt (the task's
+            verifier extracts the answer; a solution is the whole response; a shared rule is the rule);
+- valid:    the other valid PIs of the same problem the task knows (`Task.alternative_pis`: on the
+            testbed, the other well-formed scratchpads; a final answer has none);
+- marginal: the PI of `samples` other problems: the student's guess with no information at all (for a
+            shared rule, the rule itself: the gap is 0 by construction);
+- none:     no PI: the student's own prompt (what the student sees; at step 0 this is the student).
+log q_bar = mean_j log q(.|x, I'_j) - logsumexp(...) over the I' of one source (`valid`: I and the
+alternatives). Means are per response token (the loss's token_mean), with a 95% bootstrap interval and
+the sd of the per-prompt means over prompts. `pi_dependence(cfg, n, seed)` is the function `opd preflight`
+calls; `opd probe-pi` prints `format_pi_dependence` and writes the dict as JSON.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from opd_cli.errors import OpdError
+from opd_cli.learner import autocast_dtype, load_model, load_tokenizer, pick_device, weights_dtype
+from opd_cli.rollout import SamplingConfig, derive_seed
+from opd_cli.stages.common import load_task_and_data, resolve_path, rollout_engine, teacher_enable_thinking
+from opd_cli.tasks.base import Row, Task
+from opd_cli.teachers import Teacher, student_prompt_builder, student_prompt_ids, teacher_prompt_builder
+
+# statistic -> what replaces I (rows of the printed table, in this order)
+STATS = {
+    "student": "the student's own (each sample)",
+    "student_differs": "the student's own, where I' != I",
+    "student_bar": "q_bar over the student's own (its optimum)",
+    "valid": "another valid PI of the problem (each)",
+    "valid_bar": "q_bar over I and the other valid PIs",
+    "marginal": "another problem's PI (each)",
+    "marginal_bar": "q_bar over other problems' PIs",
+    "none": "no PI (the student's own prompt)",
+}
+BOOTSTRAP = 1000
+DEFAULT_BATCH = 64  # sequences per teacher forward when trainer.micro_batch_size is 0 (all at once)
+
+
+def check_request(cfg, n: int, samples: int) -> None:
+    if n < 1:
+        raise OpdError(f"-n {n}: the PI probe needs at least one prompt; pass -n 200 or another n >= 1")
+    if samples < 1:
+        raise OpdError(f"--samples {samples}: the PI probe needs at least one I' sample per prompt; pass 4")
+    if cfg.teacher.kind != "self_pi":
+        raise OpdError(
+            f"teacher.kind={cfg.teacher.kind} is not an OPSD teacher: the PI probe measures the privileged "
+            f"information of a self_pi teacher; use teacher=self_answer, self_solution or self_system"
+        )
+    if cfg.stabilization.kind == "sft":
+        raise OpdError(
+            "stabilization=sft: the OPSD teacher is the SFT'd student this run creates; probe that checkpoint "
+            "instead: model.path=<run dir>/model stabilization=none"
+        )
+
+
+def pi_kind(field: str, shared: bool) -> str:
+    if shared:
+        return "shared rule"
+    if field in ("answer", "hint"):
+        return "answer"
+    if field == "solution":
+        return "solution"
+    return "instance-specific"
+
+
+def student_pi(task: Task, row: Row, text: str, field: str, kind: str) -> str | None:
+    """What the student would write in place of the PI, from one of its responses (None: it cannot)."""
+    if kind == "shared rule":
+        return str(row[field])
+    if kind == "answer":
+        return task.verify(row, text).answer
+    if kind == "solution":
+        return text
+    return None  # a per-example field (a profile) the student has no way to produce
+
+
+@dataclass
+class Variant:
+    """One teacher prompt for prompt `index`'s rollout: the row with its PI field replaced."""
+
+    index: int
+    source: str  # reference | student | valid | marginal | none
+    row: Row
+    same: bool  # the PI value equals the reference's
+
+
+def per_token_kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(ref || other) per position from log-probs [..., T, V] -> [..., T] (float64 sums)."""
+    ref, other = ref.double(), other.double()
+    return (ref.exp() * (ref - other)).sum(-1)
+
+
+def geometric_mean(logprobs: torch.Tensor) -> torch.Tensor:
+    """log q_bar [T, V] from log-probs [m, T, V]: the mean log-prob, renormalized (minus its logsumexp)."""
+    return torch.log_softmax(logprobs.double().mean(0), dim=-1)
+
+
+def summarize(per_prompt: list[torch.Tensor], rng: np.random.Generator) -> dict | None:
+    """From one per-position KL vector [T] per prompt: the token-weighted mean (the loss's token_mean),
+    its bootstrap 95% interval over prompts, the sd of the per-prompt means, and the mean KL at the first
+    response token (where a shortcut such as answering at once shows); None when no prompt has it."""
+    if not per_prompt:
+        return None
+    sums = np.array([float(k.sum()) for k in per_prompt])
+    tokens = np.array([len(k) for k in per_prompt], dtype=float)
+    draws = rng.integers(0, len(sums), size=(BOOTSTRAP, len(sums)))
+    boot = sums[draws].sum(1) / tokens[draws].sum(1)
+    return {
+        "mean": float(sums.sum() / tokens.sum()),
+        "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "sd_over_prompts": float(np.std(sums / tokens, ddof=1)) if len(sums) > 1 else 0.0,
+        "first_token_mean": float(np.mean([float(k[0]) for k in per_prompt])),
+        "prompts": int(len(sums)),
+        "tokens": int(tokens.sum()),
+    }
+
+
+def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
+    """The PI-dependence measurement of an OPSD recipe on `n` of the student's rollouts (module doc)."""
+    check_request(cfg, n, samples)
+    start = time.perf_counter()
+    device = pick_device(cfg.trainer.device)
+    amp = autocast_dtype(device, cfg.model.dtype)
+    task, train_rows, _ = load_task_and_data(cfg.task)
+    rng = random.Random(derive_seed(seed, 17))
+    rows = rng.sample(train_rows, n) if n <= len(train_rows) else [rng.choice(train_rows) for _ in range(n)]
+    field = cfg.teacher.pi_field
+    # The OPSD teacher is the frozen step-0 student: one frozen model rolls out and scores every prompt.
+    path = resolve_path(cfg.model.path, cfg)
+    tok = load_tokenizer(path)
+    model = load_model(path, device, trainable=False, dtype=weights_dtype(device, cfg.teacher.dtype))
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+    teacher = Teacher(
+        model,
+        tok,
+        teacher_prompt_builder(task, cfg.teacher),
+        amp=autocast,
+        enable_thinking=teacher_enable_thinking(cfg),
+    )
+    student_view = Teacher(
+        model,
+        tok,
+        student_prompt_builder(task, cfg.teacher),
+        amp=autocast,
+        enable_thinking=cfg.model.enable_thinking,
+    )
+    teacher.prompt_ids(rows[0])  # a PI field the rows lack: one line now, not after the rollouts
+    shared = len({str(r.get(field)) for r in train_rows}) == 1
+    kind = pi_kind(field, shared)
+
+    prompt_ids = student_prompt_ids(tok, task, cfg.model.enable_thinking, cfg.teacher)
+    sampling = SamplingConfig(
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        n=samples + 1,  # sample 0 is the scored rollout y; 1.. are the student's independent I' draws
+    )
+    dtype = "bfloat16" if amp == torch.bfloat16 else "float32"
+    engine = rollout_engine(cfg, path, device, dtype=dtype, model=model)
+    try:
+        groups = engine.generate([prompt_ids(r) for r in rows], sampling, derive_seed(seed, 1))
+    finally:
+        engine.close()
+    responses = [g[0].response_ids for g in groups]
+    correct = [
+        task.verify(r, tok.decode(y, skip_special_tokens=True)).correct
+        for r, y in zip(rows, responses, strict=True)
+    ]
+
+    variants: list[list[Variant]] = []
+    asked = available = same_student = same_marginal = alternatives = 0
+    for i, (row, group) in enumerate(zip(rows, groups, strict=True)):
+        ref = str(row[field])
+        vs = [Variant(i, "reference", row, True)]
+        for s in group[1:]:
+            asked += 1
+            value = student_pi(task, row, tok.decode(s.response_ids, skip_special_tokens=True), field, kind)
+            if value is not None:
+                available += 1
+                same_student += value == ref
+                vs.append(Variant(i, "student", {**row, field: value}, value == ref))
+        for value in task.alternative_pis(row, field):
+            alternatives += 1
+            vs.append(Variant(i, "valid", {**row, field: value}, value == ref))
+        for other in rng.sample(train_rows, min(samples, len(train_rows))):
+            value = str(other[field])
+            same_marginal += value == ref
+            vs.append(Variant(i, "marginal", {**row, field: value}, value == ref))
+        vs.append(Variant(i, "none", row, False))
+        variants.append(vs)
+
+    stats: dict[str, list[torch.Tensor]] = {k: [] for k in [*STATS, "student_bar_vs_none"]}
+    batch = cfg.trainer.micro_batch_size if cfg.trainer.micro_batch_size > 0 else DEFAULT_BATCH
+    per_prompt = max(len(v) for v in variants)
+    chunk = max(1, batch // per_prompt)  # whole prompts per forward, so q_bar needs no running state
+    for lo in range(0, n, chunk):
+        part = [v for vs in variants[lo : lo + chunk] for v in vs]
+        with_pi = [v for v in part if v.source != "none"]
+        scored = dict(
+            zip(
+                map(id, with_pi),
+                teacher.score([v.row for v in with_pi], [responses[v.index] for v in with_pi]).full,
+                strict=True,
+            )
+        )
+        plain = [v for v in part if v.source == "none"]
+        scored.update(
+            zip(
+                map(id, plain),
+                student_view.score([v.row for v in plain], [responses[v.index] for v in plain]).full,
+                strict=True,
+            )
+        )
+        for vs in variants[lo : lo + chunk]:
+            record_prompt(vs, scored, len(responses[vs[0].index]), stats)
+
+    boot = np.random.default_rng(derive_seed(seed, 23))
+    summary = {k: summarize(v, boot) for k, v in stats.items()}
+    return {
+        "n": n,
+        "samples": samples,
+        "seed": seed,
+        "model": str(cfg.model.path),
+        "task": str(cfg.task.name),
+        "pi_field": field,
+        "pi_kind": kind,
+        "shared": shared,
+        "teacher_prompt_example": tok.decode(teacher.prompt_ids(rows[0])),
+        "student_prompt_example": tok.decode(prompt_ids(rows[0])),
+        "response_tokens": int(sum(len(y) for y in responses)),
+        "rollout_accuracy": sum(correct) / n,
+        "student_pi_available": available / asked,
+        "student_pi_same_as_reference": same_student / available if available else None,
+        "marginal_same_as_reference": same_marginal
+        / sum(1 for vs in variants for v in vs if v.source == "marginal"),
+        "valid_alternatives_per_prompt": alternatives / n,
+        "kl": summary,
+        # the headline for preflight: what the student cannot close even at its own optimum
+        "gap_to_student_optimum": summary["student_bar"]["mean"] if summary["student_bar"] else None,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def record_prompt(vs: list[Variant], scored: dict, length: int, stats: dict) -> None:
+    """Add one prompt's per-position KL vectors [length] to `stats` (a multi-sample source: the mean over
+    its samples at each position)."""
+    if length == 0:
+        return
+    ref = scored[id(vs[0])][:length]
+    by_source: dict[str, list[Variant]] = {}
+    for v in vs[1:]:
+        by_source.setdefault(v.source, []).append(v)
+
+    def mean_kl(items: list[Variant]) -> torch.Tensor:
+        return torch.stack([per_token_kl(ref, scored[id(v)][:length]) for v in items]).mean(0)
+
+    def bar(items: list[Variant]) -> torch.Tensor:
+        return geometric_mean(torch.stack([scored[id(v)][:length] for v in items]))
+
+    for source in ("student", "valid", "marginal", "none"):
+        items = by_source.get(source, [])
+        if not items:
+            continue
+        stats[source].append(mean_kl(items))
+        if source == "none":
+            continue
+        group = [vs[0], *items] if source == "valid" else items
+        stats[f"{source}_bar"].append(per_token_kl(ref, bar(group)))
+    differs = [v for v in by_source.get("student", []) if not v.same]
+    if differs:
+        stats["student_differs"].append(mean_kl(differs))
+    if by_source.get("student") and by_source.get("none"):
+        optimum = bar(by_source["student"])
+        stats["student_bar_vs_none"].append(per_token_kl(optimum, scored[id(by_source["none"][0])][:length]))
+
+
+def format_pi_dependence(result: dict) -> str:
+    def cell(s: dict | None) -> str:
+        if s is None:
+            return "| n/a | | | | |"
+        lo, hi = s["ci95"]
+        return (
+            f"| {s['mean']:.4f} | [{lo:.4f}, {hi:.4f}] | {s['sd_over_prompts']:.4f} | "
+            f"{s['first_token_mean']:.4f} | {s['prompts']} |"
+        )
+
+    same = result["student_pi_same_as_reference"]
+    lines = [
+        f"PI probe: teacher.pi_field={result['pi_field']} ({result['pi_kind']}), model {result['model']}, "
+        f"{result['n']} rollouts x {result['samples']} I' samples, {result['response_tokens']} response tokens, "
+        f"rollout accuracy {result['rollout_accuracy']:.3f}",
+        "| I' (in place of the reference PI I) | E KL(q(.|x,I,y<t) || q(.|x,I',y<t)) per token | 95% CI | "
+        "sd over prompts | first token | prompts |",
+        "|---|---|---|---|---|---|",
+        *[f"| {label} {cell(result['kl'][k])}" for k, label in STATS.items()],
+        f"| KL(q_bar(student) || no PI): how far the optimum is from the student now "
+        f"{cell(result['kl']['student_bar_vs_none'])}",
+        f"I' == I: the student's own {'n/a' if same is None else f'{same:.3f}'} (the student could supply one in "
+        f"{result['student_pi_available']:.3f} of its samples), another problem's "
+        f"{result['marginal_same_as_reference']:.3f}; other valid PIs per problem: "
+        f"{result['valid_alternatives_per_prompt']:.1f}",
+        f"wall time {result['wall_s']:.1f} s",
+    ]
+    return "\n".join(lines)
