@@ -118,6 +118,20 @@ def geometric_mean(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logprobs.double().mean(0), dim=-1)
 
 
+def alignment_error(logprobs: torch.Tensor, responses: list[list[int]], sampled: list[list[float]]) -> float:
+    """The largest |log p(y_t) from a scorer's [B, T, V] - the rollout engine's own log-prob of y_t|: the
+    student scoring its own rollouts must reproduce them at every position (an off-by-one shift or a
+    re-tokenized prompt shows here)."""
+    worst = 0.0
+    for row, ids, ref in zip(logprobs, responses, sampled, strict=True):
+        if ids:
+            got = row[: len(ids)].gather(-1, torch.tensor(ids, device=row.device)[:, None])[:, 0]
+            worst = max(
+                worst, float((got.double().cpu() - torch.tensor(ref, dtype=torch.float64)).abs().max())
+            )
+    return worst
+
+
 def summarize(per_prompt: list[torch.Tensor], rng: np.random.Generator) -> dict | None:
     """From one per-position KL vector [T] per prompt: the token-weighted mean (the loss's token_mean),
     its bootstrap 95% interval over prompts, the sd of the per-prompt means, and the mean KL at the first
@@ -219,6 +233,7 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
     batch = cfg.trainer.micro_batch_size if cfg.trainer.micro_batch_size > 0 else DEFAULT_BATCH
     per_prompt = max(len(v) for v in variants)
     chunk = max(1, batch // per_prompt)  # whole prompts per forward, so q_bar needs no running state
+    alignment = 0.0
     for lo in range(0, n, chunk):
         part = [v for vs in variants[lo : lo + chunk] for v in vs]
         with_pi = [v for v in part if v.source != "none"]
@@ -230,12 +245,13 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
             )
         )
         plain = [v for v in part if v.source == "none"]
-        scored.update(
-            zip(
-                map(id, plain),
-                student_view.score([v.row for v in plain], [responses[v.index] for v in plain]).full,
-                strict=True,
-            )
+        own = student_view.score([v.row for v in plain], [responses[v.index] for v in plain]).full
+        scored.update(zip(map(id, plain), own, strict=True))
+        alignment = max(
+            alignment,
+            alignment_error(
+                own, [responses[v.index] for v in plain], [groups[v.index][0].logprobs for v in plain]
+            ),
         )
         for vs in variants[lo : lo + chunk]:
             record_prompt(vs, scored, len(responses[vs[0].index]), stats)
@@ -263,6 +279,8 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
         "kl": summary,
         # the headline for preflight: what the student cannot close even at its own optimum
         "gap_to_student_optimum": summary["student_bar"]["mean"] if summary["student_bar"] else None,
+        # the student's prompt scored like a teacher's vs the engine's own log-probs of its rollouts
+        "alignment_max_abs_logprob_diff": alignment,
         "wall_s": time.perf_counter() - start,
     }
 
@@ -325,6 +343,7 @@ def format_pi_dependence(result: dict) -> str:
         f"{result['student_pi_available']:.3f} of its samples), another problem's "
         f"{result['marginal_same_as_reference']:.3f}; other valid PIs per problem: "
         f"{result['valid_alternatives_per_prompt']:.1f}",
-        f"wall time {result['wall_s']:.1f} s",
+        f"alignment: the student's prompt scored as a teacher reproduces its rollouts' log-probs within "
+        f"{result['alignment_max_abs_logprob_diff']:.1e}; wall time {result['wall_s']:.1f} s",
     ]
     return "\n".join(lines)
