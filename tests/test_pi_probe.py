@@ -101,3 +101,10 @@ def test_arith_alternative_solutions_are_valid_and_differ_from_the_reference():
             verdict = task.verify(row, text)
             assert verdict.correct and verdict.well_formed
         assert task.alternative_pis(row, "answer") == []
+
+
+def test_the_answer_where_the_teacher_commits_comes_from_the_student(probes):
+    r = probes["opsd_answer_pi"]
+    assert 0 < r["direct_available"] <= 1 and 0 <= r["direct_same_as_reference"] <= 1
+    assert r["kl"]["direct"]["prompts"] >= 1 and r["gap_where_teacher_commits"] is not None
+    assert probes["opsd_solution_pi"]["direct_available"] is None  # only an answer PI has one

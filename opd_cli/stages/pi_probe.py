@@ -49,6 +49,8 @@ STATS = {
     "student": "the student's own (each sample)",
     "student_differs": "the student's own, where I' != I",
     "student_bar": "q_bar over the student's own (its optimum)",
+    "direct": "the student's answer where the teacher commits to it (each)",
+    "direct_bar": "q_bar over those answers",
     "valid": "another valid PI of the problem (each)",
     "valid_bar": "q_bar over I and the other valid PIs",
     "marginal": "another problem's PI (each)",
@@ -152,6 +154,50 @@ def summarize(per_prompt: list[torch.Tensor], rng: np.random.Generator) -> dict 
     }
 
 
+def direct_answers(engine, tok, task, teacher, rows, prompt_ids, sampling, samples, seed) -> list[list[str]]:
+    """Answer PI: the answers the student gives at the point where the answer-conditioned teacher writes
+    its answer. The teacher (reference I) responds greedily; its response is cut where its final answer
+    starts (the verifier finds it; with the shortcut on the testbed right after `A:`, before any
+    scratchpad); the student continues from its own prompt + that prefix (`samples` T=1 draws) and the
+    verifier reads the answer. [] for a prompt whose teacher response has no answer."""
+    greedy = SamplingConfig(max_new_tokens=sampling.max_new_tokens, greedy=True)
+    own = engine.generate([teacher.prompt_ids(r) for r in rows], greedy, derive_seed(seed, 2))
+    prefixes: dict[int, list[int]] = {}
+    for i, (row, g) in enumerate(zip(rows, own, strict=True)):
+        ids = [t for t in g[0].response_ids if t != tok.eos_token_id]
+        text = tok.decode(ids, skip_special_tokens=True)
+        answer = task.verify(row, text).answer  # the teacher's own final answer, right or wrong
+        at = text.rfind(answer) if answer is not None else -1
+        if at >= 0:  # the longest token prefix that ends before the answer's first character
+            cut = max(
+                j for j in range(len(ids) + 1) if len(tok.decode(ids[:j], skip_special_tokens=True)) <= at
+            )
+            prefixes[i] = ids[:cut]
+    draws = SamplingConfig(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_new_tokens=sampling.max_new_tokens,
+        n=samples,
+    )
+    keys = sorted(prefixes)
+    conts = (
+        engine.generate(
+            [prompt_ids(rows[i]) + prefixes[i] for i in keys], draws, derive_seed(seed, 3), keys=keys
+        )
+        if keys
+        else []
+    )
+    out: list[list[str]] = [[] for _ in rows]
+    for i, group in zip(keys, conts, strict=True):
+        for s in group:
+            answer = task.verify(
+                rows[i], tok.decode(prefixes[i] + s.response_ids, skip_special_tokens=True)
+            ).answer
+            if answer is not None:
+                out[i].append(answer)
+    return out
+
+
 def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
     """The PI-dependence measurement of an OPSD recipe on `n` of the student's rollouts (module doc)."""
     check_request(cfg, n, samples)
@@ -199,6 +245,11 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
     engine = rollout_engine(cfg, path, device, dtype=dtype, model=model)
     try:
         groups = engine.generate([prompt_ids(r) for r in rows], sampling, derive_seed(seed, 1))
+        direct = (
+            direct_answers(engine, tok, task, teacher, rows, prompt_ids, sampling, samples, seed)
+            if kind == "answer"
+            else None
+        )
     finally:
         engine.close()
     responses = [g[0].response_ids for g in groups]
@@ -208,7 +259,7 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
     ]
 
     variants: list[list[Variant]] = []
-    asked = available = same_student = same_marginal = alternatives = 0
+    asked = available = same_student = same_marginal = same_direct = alternatives = 0
     for i, (row, group) in enumerate(zip(rows, groups, strict=True)):
         ref = str(row[field])
         vs = [Variant(i, "reference", row, True)]
@@ -219,6 +270,9 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
                 available += 1
                 same_student += value == ref
                 vs.append(Variant(i, "student", {**row, field: value}, value == ref))
+        for value in direct[i] if direct else []:
+            same_direct += value == ref
+            vs.append(Variant(i, "direct", {**row, field: value}, value == ref))
         for value in task.alternative_pis(row, field):
             alternatives += 1
             vs.append(Variant(i, "valid", {**row, field: value}, value == ref))
@@ -273,12 +327,18 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
         "rollout_accuracy": sum(correct) / n,
         "student_pi_available": available / asked,
         "student_pi_same_as_reference": same_student / available if available else None,
+        "direct_available": None if direct is None else sum(bool(d) for d in direct) / n,
+        "direct_same_as_reference": (
+            same_direct / sum(len(d) for d in direct) if direct and any(direct) else None
+        ),
         "marginal_same_as_reference": same_marginal
         / sum(1 for vs in variants for v in vs if v.source == "marginal"),
         "valid_alternatives_per_prompt": alternatives / n,
         "kl": summary,
         # the headline for preflight: what the student cannot close even at its own optimum
         "gap_to_student_optimum": summary["student_bar"]["mean"] if summary["student_bar"] else None,
+        # answer PI: the same where the teacher commits to its answer (before the student's scratchpad)
+        "gap_where_teacher_commits": summary["direct_bar"]["mean"] if summary["direct_bar"] else None,
         # the student's prompt scored like a teacher's vs the engine's own log-probs of its rollouts
         "alignment_max_abs_logprob_diff": alignment,
         "wall_s": time.perf_counter() - start,
@@ -301,7 +361,7 @@ def record_prompt(vs: list[Variant], scored: dict, length: int, stats: dict) -> 
     def bar(items: list[Variant]) -> torch.Tensor:
         return geometric_mean(torch.stack([scored[id(v)][:length] for v in items]))
 
-    for source in ("student", "valid", "marginal", "none"):
+    for source in ("student", "direct", "valid", "marginal", "none"):
         items = by_source.get(source, [])
         if not items:
             continue
@@ -329,6 +389,7 @@ def format_pi_dependence(result: dict) -> str:
         )
 
     same = result["student_pi_same_as_reference"]
+    direct = result["direct_same_as_reference"]
     lines = [
         f"PI probe: teacher.pi_field={result['pi_field']} ({result['pi_kind']}), model {result['model']}, "
         f"{result['n']} rollouts x {result['samples']} I' samples, {result['response_tokens']} response tokens, "
@@ -341,7 +402,8 @@ def format_pi_dependence(result: dict) -> str:
         f"{cell(result['kl']['student_bar_vs_none'])}",
         f"I' == I: the student's own {'n/a' if same is None else f'{same:.3f}'} (the student could supply one in "
         f"{result['student_pi_available']:.3f} of its samples), another problem's "
-        f"{result['marginal_same_as_reference']:.3f}; other valid PIs per problem: "
+        f"{result['marginal_same_as_reference']:.3f}, the student's answer where the teacher commits "
+        f"{'n/a' if direct is None else f'{direct:.3f}'}; other valid PIs per problem: "
         f"{result['valid_alternatives_per_prompt']:.1f}",
         f"alignment: the student's prompt scored as a teacher reproduces its rollouts' log-probs within "
         f"{result['alignment_max_abs_logprob_diff']:.1e}; wall time {result['wall_s']:.1f} s",
