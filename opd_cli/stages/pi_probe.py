@@ -1,9 +1,9 @@
 """The PI-dependence probe (the paper's mechanism 3): how much does an OPSD teacher depend on privileged
 information (PI) that the student cannot supply itself?
 
-    opd probe-pi experiment=opsd_answer_pi -n 200       # PI = the answer (instance-specific)
-    opd probe-pi experiment=opsd_solution_pi -n 200     # PI = the full reference solution
-    opd probe-pi experiment=opsd_system_rule -n 200     # PI = the shared S:concise system rule
+    opd probe-pi experiment=opsd_answer_pi -n 500 --samples 8     # PI = the answer (instance-specific)
+    opd probe-pi experiment=opsd_solution_pi -n 500 --samples 8   # PI = the full reference solution
+    opd probe-pi experiment=opsd_system_rule -n 500 --samples 8   # PI = the shared S:concise system rule
     opd probe-pi teacher=self_answer model=opsd_base rollout=hf --samples 8 --out pi_answer.json
 
 The student never sees I, so OPSD's optimum is the normalized geometric mean of the PI-conditioned
@@ -17,6 +17,10 @@ where q is the frozen step-0 student under the teacher's prompt, I the row's ref
 student would put in its place:
 - student:  its own answer / solution, from `samples` further rollouts of the same prompt (the task's
             verifier extracts the answer; a solution is the whole response; a shared rule is the rule);
+- direct:   (answer PI) the student's answer where the answer-conditioned teacher commits to its own:
+            the student continues the teacher's greedy response cut before its answer (on the testbed
+            right after `A:`, before any scratchpad: the shortcut), so it answers without the reasoning
+            through which its own rollouts know the answer;
 - valid:    the other valid PIs of the same problem the task knows (`Task.alternative_pis`: on the
             testbed, the other well-formed scratchpads; a final answer has none);
 - marginal: the PI of `samples` other problems: the student's guess with no information at all (for a
@@ -25,7 +29,8 @@ student would put in its place:
 log q_bar = mean_j log q(.|x, I'_j) - logsumexp(...) over the I' of one source (`valid`: I and the
 alternatives). Means are per response token (the loss's token_mean), with a 95% bootstrap interval and
 the sd of the per-prompt means over prompts. `pi_dependence(cfg, n, seed)` is the function `opd preflight`
-calls; `opd probe-pi` prints `format_pi_dependence` and writes the dict as JSON.
+calls; `opd probe-pi` prints `format_pi_dependence` and writes the dict as JSON. Results on the testbed:
+experiments/pi_dependence.md.
 """
 
 from __future__ import annotations
