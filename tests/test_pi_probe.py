@@ -65,13 +65,21 @@ def test_alignment_error_catches_a_shifted_position():
 
 
 def test_q_bar_is_normalized_and_kl_is_zero_only_on_itself():
-    logp = torch.log_softmax(torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(1)), -1)
-    bar = geometric_mean(logp)
-    # float64 logsumexp of a float64 log_softmax: 0 up to a few ulps of 1 (1e-15)
-    assert torch.allclose(torch.logsumexp(bar, -1), torch.zeros(5, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(geometric_mean(logp[:1].expand(4, -1, -1)), logp[0].double(), atol=1e-6)
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    logp = torch.log_softmax(logits, -1)
+    # float64: logsumexp of a log_softmax is 0 up to a few ulps of 1 (1e-15)
+    assert torch.allclose(
+        torch.logsumexp(geometric_mean(logp), -1), torch.zeros(5, dtype=torch.float64), atol=1e-12
+    )
+    # float32 (what Teacher.score returns and the probe accumulates): ulp 1.2e-7, a few of them
+    bar32 = geometric_mean(logp.float())
+    assert torch.allclose(torch.logsumexp(bar32, -1), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(geometric_mean(logp[:1].expand(4, -1, -1)), logp[0], atol=1e-12)
     assert per_token_kl(logp[0], logp[0]).abs().max() == 0
     assert (per_token_kl(logp[0], logp[1]) > 0).all()
+    # the position-chunked KL equals the one-shot formula
+    direct = (logp[0].exp() * (logp[0] - logp[1])).sum(-1)
+    assert torch.allclose(per_token_kl(logp[0], logp[1], rows=2), direct, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -114,15 +114,79 @@ class Variant:
     same: bool  # the PI value equals the reference's
 
 
-def per_token_kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """KL(ref || other) per position from log-probs [..., T, V] -> [..., T] (float64 sums)."""
-    ref, other = ref.double(), other.double()
-    return (ref.exp() * (ref - other)).sum(-1)
+def per_token_kl(ref: torch.Tensor, other: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """KL(ref || other) per position from log-probs [T, V] -> [T], in float64, `rows` positions at a time
+    (a 152k vocabulary x 4k positions in float64 would be 5 GB per operand)."""
+    parts = [
+        (r.double().exp() * (r.double() - o.double())).sum(-1)
+        for r, o in zip(ref.split(rows), other.split(rows), strict=True)
+    ]
+    return torch.cat(parts) if parts else ref.new_zeros(0, dtype=torch.float64)
+
+
+def normalized_mean(total: torch.Tensor, count: int) -> torch.Tensor:
+    """log q_bar from the sum of `count` log-prob tensors [T, V]: their mean, renormalized over the
+    vocabulary (mean - logsumexp), in the dtype of `total`."""
+    return torch.log_softmax(total / count, dim=-1)
 
 
 def geometric_mean(logprobs: torch.Tensor) -> torch.Tensor:
-    """log q_bar [T, V] from log-probs [m, T, V]: the mean log-prob, renormalized (minus its logsumexp)."""
-    return torch.log_softmax(logprobs.double().mean(0), dim=-1)
+    """log q_bar [T, V] from log-probs [m, T, V]: the normalized geometric mean of the m distributions."""
+    return normalized_mean(logprobs.sum(0), len(logprobs))
+
+
+class PromptStats:
+    """One prompt's statistics, fed one scored variant at a time (the reference first), so a prompt's
+    variants never need to be held together: the reference and no-PI log-probs, one running sum of
+    log-probs per source (for q_bar) and a per-position KL vector per variant."""
+
+    SOURCES = ("student", "direct", "valid", "marginal")
+
+    def __init__(self, length: int):
+        self.length = length
+        self.ref: torch.Tensor | None = None
+        self.none: torch.Tensor | None = None
+        self.kl: dict[str, list[torch.Tensor]] = {s: [] for s in (*self.SOURCES, "none", "student_differs")}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, v: Variant, logprobs: torch.Tensor) -> None:
+        logprobs = logprobs[: self.length]
+        if v.source == "reference":
+            self.ref = logprobs.clone()  # a copy: a view would keep the whole scored batch alive
+            self._accumulate("valid", logprobs)  # q_bar over the valid PIs includes I itself
+            return
+        kl = per_token_kl(self.ref, logprobs)
+        self.kl[v.source].append(kl)
+        if v.source == "none":
+            self.none = logprobs.clone()
+            return
+        if v.source == "student" and not v.same:
+            self.kl["student_differs"].append(kl)
+        self._accumulate(v.source, logprobs)
+
+    def _accumulate(self, source: str, logprobs: torch.Tensor) -> None:
+        if source in self.sums:
+            self.sums[source] += logprobs
+        else:
+            self.sums[source] = logprobs.float().clone()
+        self.counts[source] = self.counts.get(source, 0) + 1
+
+    def finish(self, stats: dict[str, list[torch.Tensor]]) -> None:
+        """Append this prompt's per-position KL vectors [length] to `stats` (a multi-sample source: the
+        mean over its samples at each position)."""
+        if self.length == 0:
+            return
+        for source, kls in self.kl.items():
+            if kls:
+                stats[source].append(torch.stack(kls).mean(0))
+        for source in self.SOURCES:
+            if not self.kl[source]:  # (valid: I alone is no alternative)
+                continue
+            bar = normalized_mean(self.sums[source], self.counts[source])
+            stats[f"{source}_bar"].append(per_token_kl(self.ref, bar))
+            if source == "student" and self.none is not None:
+                stats["student_bar_vs_none"].append(per_token_kl(bar, self.none))
 
 
 def alignment_error(logprobs: torch.Tensor, responses: list[list[int]], sampled: list[list[float]]) -> float:
@@ -289,31 +353,33 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
         variants.append(vs)
 
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in [*STATS, "student_bar_vs_none"]}
+    # sequences per teacher forward; each prompt's statistics are accumulated as its variants come back
     batch = cfg.trainer.micro_batch_size if cfg.trainer.micro_batch_size > 0 else DEFAULT_BATCH
-    per_prompt = max(len(v) for v in variants)
-    chunk = max(1, batch // per_prompt)  # whole prompts per forward, so q_bar needs no running state
+    flat = [v for vs in variants for v in vs]  # prompt-major, each prompt's reference first
+    pending = {i: PromptStats(len(responses[i])) for i in range(n)}
     alignment = 0.0
-    for lo in range(0, n, chunk):
-        part = [v for vs in variants[lo : lo + chunk] for v in vs]
+    for lo in range(0, len(flat), batch):
+        part = flat[lo : lo + batch]
         with_pi = [v for v in part if v.source != "none"]
-        scored = dict(
-            zip(
-                map(id, with_pi),
-                teacher.score([v.row for v in with_pi], [responses[v.index] for v in with_pi]).full,
-                strict=True,
-            )
-        )
         plain = [v for v in part if v.source == "none"]
-        own = student_view.score([v.row for v in plain], [responses[v.index] for v in plain]).full
-        scored.update(zip(map(id, plain), own, strict=True))
-        alignment = max(
-            alignment,
-            alignment_error(
-                own, [responses[v.index] for v in plain], [groups[v.index][0].logprobs for v in plain]
-            ),
-        )
-        for vs in variants[lo : lo + chunk]:
-            record_prompt(vs, scored, len(responses[vs[0].index]), stats)
+        scored = {}
+        if with_pi:
+            out = teacher.score([v.row for v in with_pi], [responses[v.index] for v in with_pi]).full
+            scored.update(zip(map(id, with_pi), out, strict=True))
+        if plain:
+            own = student_view.score([v.row for v in plain], [responses[v.index] for v in plain]).full
+            scored.update(zip(map(id, plain), own, strict=True))
+            alignment = max(
+                alignment,
+                alignment_error(
+                    own, [responses[v.index] for v in plain], [groups[v.index][0].logprobs for v in plain]
+                ),
+            )
+        for v in part:
+            pending[v.index].add(v, scored[id(v)])
+            if v.source == "none":  # a prompt's last variant
+                pending.pop(v.index).finish(stats)
+        del scored
 
     boot = np.random.default_rng(derive_seed(seed, 23))
     summary = {k: summarize(v, boot) for k, v in stats.items()}
@@ -348,39 +414,6 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
         "alignment_max_abs_logprob_diff": alignment,
         "wall_s": time.perf_counter() - start,
     }
-
-
-def record_prompt(vs: list[Variant], scored: dict, length: int, stats: dict) -> None:
-    """Add one prompt's per-position KL vectors [length] to `stats` (a multi-sample source: the mean over
-    its samples at each position)."""
-    if length == 0:
-        return
-    ref = scored[id(vs[0])][:length]
-    by_source: dict[str, list[Variant]] = {}
-    for v in vs[1:]:
-        by_source.setdefault(v.source, []).append(v)
-
-    def mean_kl(items: list[Variant]) -> torch.Tensor:
-        return torch.stack([per_token_kl(ref, scored[id(v)][:length]) for v in items]).mean(0)
-
-    def bar(items: list[Variant]) -> torch.Tensor:
-        return geometric_mean(torch.stack([scored[id(v)][:length] for v in items]))
-
-    for source in ("student", "direct", "valid", "marginal", "none"):
-        items = by_source.get(source, [])
-        if not items:
-            continue
-        stats[source].append(mean_kl(items))
-        if source == "none":
-            continue
-        group = [vs[0], *items] if source == "valid" else items
-        stats[f"{source}_bar"].append(per_token_kl(ref, bar(group)))
-    differs = [v for v in by_source.get("student", []) if not v.same]
-    if differs:
-        stats["student_differs"].append(mean_kl(differs))
-    if by_source.get("student") and by_source.get("none"):
-        optimum = bar(by_source["student"])
-        stats["student_bar_vs_none"].append(per_token_kl(optimum, scored[id(by_source["none"][0])][:length]))
 
 
 def format_pi_dependence(result: dict) -> str:
