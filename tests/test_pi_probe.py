@@ -116,3 +116,14 @@ def test_the_answer_where_the_teacher_commits_comes_from_the_student(probes):
     assert 0 < r["direct_available"] <= 1 and 0 <= r["direct_same_as_reference"] <= 1
     assert r["kl"]["direct"]["prompts"] >= 1 and r["gap_where_teacher_commits"] is not None
     assert probes["opsd_solution_pi"]["direct_available"] is None  # only an answer PI has one
+
+
+def test_the_teacher_prefix_is_cut_right_before_its_answer():
+    from opd_cli.stages.pi_probe import prefix_before
+    from opd_cli.testbed.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    for text in ("A:632", "7+5+0=12;4+8+1=13;3+2+1=06;A:632"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        cut = prefix_before(tok, ids, text.rfind("632"))
+        assert tok.decode(ids[:cut]) == text[: text.rfind("632")]

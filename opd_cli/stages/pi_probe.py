@@ -109,7 +109,7 @@ class Variant:
     """One teacher prompt for prompt `index`'s rollout: the row with its PI field replaced."""
 
     index: int
-    source: str  # reference | student | valid | marginal | none
+    source: str  # reference | student | direct | valid | marginal | none
     row: Row
     same: bool  # the PI value equals the reference's
 
@@ -223,6 +223,19 @@ def summarize(per_prompt: list[torch.Tensor], rng: np.random.Generator) -> dict 
     }
 
 
+def prefix_before(tok, ids: list[int], chars: int) -> int:
+    """The largest j such that ids[:j] decodes to at most `chars` characters (binary search: the decoded
+    length grows with j)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tok.decode(ids[:mid], skip_special_tokens=True)) <= chars:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def direct_answers(engine, tok, task, teacher, rows, prompt_ids, sampling, samples, seed) -> list[list[str]]:
     """Answer PI: the answers the student gives at the point where the answer-conditioned teacher writes
     its answer. The teacher (reference I) responds greedily; its response is cut where its final answer
@@ -237,11 +250,8 @@ def direct_answers(engine, tok, task, teacher, rows, prompt_ids, sampling, sampl
         text = tok.decode(ids, skip_special_tokens=True)
         answer = task.verify(row, text).answer  # the teacher's own final answer, right or wrong
         at = text.rfind(answer) if answer is not None else -1
-        if at >= 0:  # the longest token prefix that ends before the answer's first character
-            cut = max(
-                j for j in range(len(ids) + 1) if len(tok.decode(ids[:j], skip_special_tokens=True)) <= at
-            )
-            prefixes[i] = ids[:cut]
+        if at >= 0:
+            prefixes[i] = ids[: prefix_before(tok, ids, at)]
     draws = SamplingConfig(
         temperature=sampling.temperature,
         top_p=sampling.top_p,
