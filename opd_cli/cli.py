@@ -7,6 +7,7 @@
     opd doctor                                               # versions, devices, testbed state
     opd eval checkpoint=testbed:student_sft                  # evaluate a checkpoint
     opd probe teacher=large                                  # the prefix probe (mechanism 1)
+    opd probe-pi experiment=opsd_answer_pi                   # the PI-dependence probe (mechanism 3)
     opd report multirun/2026-11-29/10-00-00-000000           # the matrix table, verdicts and plots
     opd plan experiment=qwen3_opd_8b_topk                    # the memory plan per device
 
@@ -242,6 +243,35 @@ def probe_cmd(overrides: tuple[str, ...], n: int, seed: int, out: str) -> None:
         fail(str(exc))
     atomic_write_json(out, result)
     click.echo(format_probe(result))
+    click.echo(f"results: {out}")
+
+
+@main.command("probe-pi", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("-n", "--num", "n", type=int, default=200, show_default=True, help="Student rollouts to score.")
+@click.option("--samples", type=int, default=4, show_default=True, help="I' samples per rollout and source.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="pi_probe.json", show_default=True)
+def probe_pi_cmd(overrides: tuple[str, ...], n: int, samples: int, seed: int, out: str) -> None:
+    """Mechanism 3: how much an OPSD teacher depends on PI the student cannot supply (KL to I' and q_bar).
+
+    \b
+    Examples:
+      opd probe-pi experiment=opsd_answer_pi -n 200
+      opd probe-pi experiment=opsd_system_rule -n 200 --out experiments/pi_system.json
+    """
+    from opd_cli.stages.pi_probe import format_pi_dependence, pi_dependence
+    from opd_cli.testbed.build import ensure_for_config
+
+    try:
+        launch.prevalidate(list(overrides), multirun=False, writes=False)
+        cfg = launch.compose(list(overrides))
+        ensure_for_config(cfg)
+        result = pi_dependence(cfg, n, seed, samples)
+    except OpdError as exc:
+        fail(str(exc))
+    atomic_write_json(out, result)
+    click.echo(format_pi_dependence(result))
     click.echo(f"results: {out}")
 
 

@@ -282,6 +282,16 @@ class ArithTask(Task):
             return str(row.get("solution", ""))
         raise ValueError(f"unknown privileged information kind {kind!r}; use 'answer', 'hint' or 'solution'")
 
+    def alternative_pis(self, row: Row, field: str) -> list[str]:
+        """For `solution`: the other well-formed scratchpads of the problem (student, concise and
+        operand-swapped teacher style) that differ from the row's reference; nothing else has one."""
+        parsed = parse_problem(row.get("problem", ""))
+        if field != "solution" or parsed is None:
+            return []
+        a, b = parsed
+        styles = [format_student_solution(a, b), format_concise_solution(a, b), format_teacher_solution(a, b)]
+        return [s for s in styles if s != row.get("solution")]
+
     def check(self, row: Row, response: str) -> tuple[bool, bool, str | None]:
         answer = extract_answer(response)
         correct = answer is not None and answer == str(row.get("answer", ""))

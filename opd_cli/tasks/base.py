@@ -92,6 +92,12 @@ class Task:
             return f"Reference solution:\n{row.get('solution', '')}"
         raise ValueError(f"unknown privileged information kind {kind!r}; use 'answer', 'hint' or 'solution'")
 
+    def alternative_pis(self, row: Row, field: str) -> list[str]:
+        """Other valid values of the privileged-information field `field` for this row's problem (another
+        correct solution of the same problem, ...), for the PI-dependence probe; [] when the task knows
+        none (a final answer is unique)."""
+        return []
+
     # ---- grading --------------------------------------------------------------------------------
     def check(self, row: Row, response: str) -> tuple[bool, bool, str | None]:
         """(correct, well_formed, extracted answer). Must never raise on any string."""

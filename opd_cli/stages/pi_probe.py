@@ -1,0 +1,459 @@
+"""The PI-dependence probe (the paper's mechanism 3): how much does an OPSD teacher depend on privileged
+information (PI) that the student cannot supply itself?
+
+    opd probe-pi experiment=opsd_answer_pi -n 500 --samples 8     # PI = the answer (instance-specific)
+    opd probe-pi experiment=opsd_solution_pi -n 500 --samples 8   # PI = the full reference solution
+    opd probe-pi experiment=opsd_system_rule -n 500 --samples 8   # PI = the shared S:concise system rule
+    opd probe-pi teacher=self_answer model=opsd_base rollout=hf --samples 8 --out pi_answer.json
+
+The student never sees I, so OPSD's optimum is the normalized geometric mean of the PI-conditioned
+teachers, p*(.|x) ∝ exp(E_I' log q(.|x, I')) (../../shared/PAPER.md, mechanism 3). For N of the student's
+own T=1 rollouts y (the sequences the OPD loss trains on), at every response position t (the positions
+`teachers.Teacher.score` scores and the loss averages over) this measures
+
+    E KL( q(.|x, I, y<t) || q(.|x, I', y<t) )          and          E KL( q(.|x, I, y<t) || q_bar(.|x, y<t) )
+
+where q is the frozen step-0 student under the teacher's prompt, I the row's reference PI, and I' what the
+student would put in its place:
+- student:  its own answer / solution, from `samples` further rollouts of the same prompt (the task's
+            verifier extracts the answer; a solution is the whole response; a shared rule is the rule);
+- direct:   (answer PI) the student's answer where the answer-conditioned teacher commits to its own:
+            the student continues the teacher's greedy response cut before its answer (on the testbed
+            right after `A:`, before any scratchpad: the shortcut), so it answers without the reasoning
+            through which its own rollouts know the answer;
+- valid:    the other valid PIs of the same problem the task knows (`Task.alternative_pis`: on the
+            testbed, the other well-formed scratchpads; a final answer has none);
+- marginal: the PI of `samples` other problems: the student's guess with no information at all (for a
+            shared rule, the rule itself: the gap is 0 by construction);
+- none:     no PI: the student's own prompt (what the student sees; at step 0 this is the student).
+log q_bar = mean_j log q(.|x, I'_j) - logsumexp(...) over the I' of one source (`valid`: I and the
+alternatives). Means are per response token (the loss's token_mean), with a 95% bootstrap interval and
+the sd of the per-prompt means over prompts. `pi_dependence(cfg, n, seed)` is the function `opd preflight`
+calls; `opd probe-pi` prints `format_pi_dependence` and writes the dict as JSON. Results on the testbed:
+experiments/pi_dependence.md.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from opd_cli.errors import OpdError
+from opd_cli.learner import autocast_dtype, load_model, load_tokenizer, pick_device, weights_dtype
+from opd_cli.rollout import SamplingConfig, derive_seed
+from opd_cli.stages.common import load_task_and_data, resolve_path, rollout_engine, teacher_enable_thinking
+from opd_cli.tasks.base import Row, Task
+from opd_cli.teachers import Teacher, student_prompt_builder, student_prompt_ids, teacher_prompt_builder
+
+# statistic -> what replaces I (rows of the printed table, in this order)
+STATS = {
+    "student": "the student's own (each sample)",
+    "student_differs": "the student's own, where I' != I",
+    "student_bar": "q_bar over the student's own (its optimum)",
+    "direct": "the student's answer where the teacher commits to it (each)",
+    "direct_bar": "q_bar over those answers",
+    "valid": "another valid PI of the problem (each)",
+    "valid_bar": "q_bar over I and the other valid PIs",
+    "marginal": "another problem's PI (each)",
+    "marginal_bar": "q_bar over other problems' PIs",
+    "none": "no PI (the student's own prompt)",
+}
+BOOTSTRAP = 1000
+DEFAULT_BATCH = 64  # sequences per teacher forward when trainer.micro_batch_size is 0 (all at once)
+
+
+def check_request(cfg, n: int, samples: int) -> None:
+    if n < 1:
+        raise OpdError(f"-n {n}: the PI probe needs at least one prompt; pass -n 200 or another n >= 1")
+    if samples < 1:
+        raise OpdError(f"--samples {samples}: the PI probe needs at least one I' sample per prompt; pass 4")
+    if cfg.teacher.kind != "self_pi":
+        raise OpdError(
+            f"teacher.kind={cfg.teacher.kind} is not an OPSD teacher: the PI probe measures the privileged "
+            f"information of a self_pi teacher; use teacher=self_answer, self_solution or self_system"
+        )
+    if cfg.stabilization.kind == "sft":
+        raise OpdError(
+            "stabilization=sft: the OPSD teacher is the SFT'd student this run creates; probe that checkpoint "
+            "instead: model.path=<run dir>/model stabilization=none"
+        )
+
+
+def pi_kind(field: str, shared: bool) -> str:
+    if shared:
+        return "shared rule"
+    if field in ("answer", "hint"):
+        return "answer"
+    if field == "solution":
+        return "solution"
+    return "instance-specific"
+
+
+def student_pi(task: Task, row: Row, text: str, field: str, kind: str) -> str | None:
+    """What the student would write in place of the PI, from one of its responses (None: it cannot)."""
+    if kind == "shared rule":
+        return str(row[field])
+    if kind == "answer":
+        return task.verify(row, text).answer
+    if kind == "solution":
+        return text
+    return None  # a per-example field (a profile) the student has no way to produce
+
+
+@dataclass
+class Variant:
+    """One teacher prompt for prompt `index`'s rollout: the row with its PI field replaced."""
+
+    index: int
+    source: str  # reference | student | direct | valid | marginal | none
+    row: Row
+    same: bool  # the PI value equals the reference's
+
+
+def per_token_kl(ref: torch.Tensor, other: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """KL(ref || other) per position from log-probs [T, V] -> [T], in float64, `rows` positions at a time
+    (a 152k vocabulary x 4k positions in float64 would be 5 GB per operand)."""
+    parts = [
+        (r.double().exp() * (r.double() - o.double())).sum(-1)
+        for r, o in zip(ref.split(rows), other.split(rows), strict=True)
+    ]
+    return torch.cat(parts) if parts else ref.new_zeros(0, dtype=torch.float64)
+
+
+def normalized_mean(total: torch.Tensor, count: int) -> torch.Tensor:
+    """log q_bar from the sum of `count` log-prob tensors [T, V]: their mean, renormalized over the
+    vocabulary (mean - logsumexp), in the dtype of `total`."""
+    return torch.log_softmax(total / count, dim=-1)
+
+
+def geometric_mean(logprobs: torch.Tensor) -> torch.Tensor:
+    """log q_bar [T, V] from log-probs [m, T, V]: the normalized geometric mean of the m distributions."""
+    return normalized_mean(logprobs.sum(0), len(logprobs))
+
+
+class PromptStats:
+    """One prompt's statistics, fed one scored variant at a time (the reference first), so a prompt's
+    variants never need to be held together: the reference and no-PI log-probs, one running sum of
+    log-probs per source (for q_bar) and a per-position KL vector per variant."""
+
+    SOURCES = ("student", "direct", "valid", "marginal")
+
+    def __init__(self, length: int):
+        self.length = length
+        self.ref: torch.Tensor | None = None
+        self.none: torch.Tensor | None = None
+        self.kl: dict[str, list[torch.Tensor]] = {s: [] for s in (*self.SOURCES, "none", "student_differs")}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, v: Variant, logprobs: torch.Tensor) -> None:
+        logprobs = logprobs[: self.length]
+        if v.source == "reference":
+            self.ref = logprobs.clone()  # a copy: a view would keep the whole scored batch alive
+            self._accumulate("valid", logprobs)  # q_bar over the valid PIs includes I itself
+            return
+        kl = per_token_kl(self.ref, logprobs)
+        self.kl[v.source].append(kl)
+        if v.source == "none":
+            self.none = logprobs.clone()
+            return
+        if v.source == "student" and not v.same:
+            self.kl["student_differs"].append(kl)
+        self._accumulate(v.source, logprobs)
+
+    def _accumulate(self, source: str, logprobs: torch.Tensor) -> None:
+        if source in self.sums:
+            self.sums[source] += logprobs
+        else:
+            self.sums[source] = logprobs.float().clone()
+        self.counts[source] = self.counts.get(source, 0) + 1
+
+    def finish(self, stats: dict[str, list[torch.Tensor]]) -> None:
+        """Append this prompt's per-position KL vectors [length] to `stats` (a multi-sample source: the
+        mean over its samples at each position)."""
+        if self.length == 0:
+            return
+        for source, kls in self.kl.items():
+            if kls:
+                stats[source].append(torch.stack(kls).mean(0))
+        for source in self.SOURCES:
+            if not self.kl[source]:  # (valid: I alone is no alternative)
+                continue
+            bar = normalized_mean(self.sums[source], self.counts[source])
+            stats[f"{source}_bar"].append(per_token_kl(self.ref, bar))
+            if source == "student" and self.none is not None:
+                stats["student_bar_vs_none"].append(per_token_kl(bar, self.none))
+
+
+def alignment_error(logprobs: torch.Tensor, responses: list[list[int]], sampled: list[list[float]]) -> float:
+    """The largest |log p(y_t) from a scorer's [B, T, V] - the rollout engine's own log-prob of y_t|: the
+    student scoring its own rollouts must reproduce them at every position (an off-by-one shift or a
+    re-tokenized prompt shows here)."""
+    worst = 0.0
+    for row, ids, ref in zip(logprobs, responses, sampled, strict=True):
+        if ids:
+            got = row[: len(ids)].gather(-1, torch.tensor(ids, device=row.device)[:, None])[:, 0]
+            worst = max(
+                worst, float((got.double().cpu() - torch.tensor(ref, dtype=torch.float64)).abs().max())
+            )
+    return worst
+
+
+def summarize(per_prompt: list[torch.Tensor], rng: np.random.Generator) -> dict | None:
+    """From one per-position KL vector [T] per prompt: the token-weighted mean (the loss's token_mean),
+    its bootstrap 95% interval over prompts, the sd of the per-prompt means, and the mean KL at the first
+    response token (where a shortcut such as answering at once shows); None when no prompt has it."""
+    if not per_prompt:
+        return None
+    sums = np.array([float(k.sum()) for k in per_prompt])
+    tokens = np.array([len(k) for k in per_prompt], dtype=float)
+    draws = rng.integers(0, len(sums), size=(BOOTSTRAP, len(sums)))
+    boot = sums[draws].sum(1) / tokens[draws].sum(1)
+    return {
+        "mean": float(sums.sum() / tokens.sum()),
+        "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "sd_over_prompts": float(np.std(sums / tokens, ddof=1)) if len(sums) > 1 else 0.0,
+        "first_token_mean": float(np.mean([float(k[0]) for k in per_prompt])),
+        "prompts": int(len(sums)),
+        "tokens": int(tokens.sum()),
+    }
+
+
+def prefix_before(tok, ids: list[int], chars: int) -> int:
+    """The largest j such that ids[:j] decodes to at most `chars` characters (binary search: the decoded
+    length grows with j)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tok.decode(ids[:mid], skip_special_tokens=True)) <= chars:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def direct_answers(engine, tok, task, teacher, rows, prompt_ids, sampling, samples, seed) -> list[list[str]]:
+    """Answer PI: the answers the student gives at the point where the answer-conditioned teacher writes
+    its answer. The teacher (reference I) responds greedily; its response is cut where its final answer
+    starts (the verifier finds it; with the shortcut on the testbed right after `A:`, before any
+    scratchpad); the student continues from its own prompt + that prefix (`samples` T=1 draws) and the
+    verifier reads the answer. [] for a prompt whose teacher response has no answer."""
+    greedy = SamplingConfig(max_new_tokens=sampling.max_new_tokens, greedy=True)
+    own = engine.generate([teacher.prompt_ids(r) for r in rows], greedy, derive_seed(seed, 2))
+    prefixes: dict[int, list[int]] = {}
+    for i, (row, g) in enumerate(zip(rows, own, strict=True)):
+        ids = [t for t in g[0].response_ids if t != tok.eos_token_id]
+        text = tok.decode(ids, skip_special_tokens=True)
+        answer = task.verify(row, text).answer  # the teacher's own final answer, right or wrong
+        at = text.rfind(answer) if answer is not None else -1
+        if at >= 0:
+            prefixes[i] = ids[: prefix_before(tok, ids, at)]
+    draws = SamplingConfig(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_new_tokens=sampling.max_new_tokens,
+        n=samples,
+    )
+    keys = sorted(prefixes)
+    conts = (
+        engine.generate(
+            [prompt_ids(rows[i]) + prefixes[i] for i in keys], draws, derive_seed(seed, 3), keys=keys
+        )
+        if keys
+        else []
+    )
+    out: list[list[str]] = [[] for _ in rows]
+    for i, group in zip(keys, conts, strict=True):
+        for s in group:
+            answer = task.verify(
+                rows[i], tok.decode(prefixes[i] + s.response_ids, skip_special_tokens=True)
+            ).answer
+            if answer is not None:
+                out[i].append(answer)
+    return out
+
+
+def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
+    """The PI-dependence measurement of an OPSD recipe on `n` of the student's rollouts (module doc)."""
+    check_request(cfg, n, samples)
+    start = time.perf_counter()
+    device = pick_device(cfg.trainer.device)
+    amp = autocast_dtype(device, cfg.model.dtype)
+    task, train_rows, _ = load_task_and_data(cfg.task)
+    rng = random.Random(derive_seed(seed, 17))
+    rows = rng.sample(train_rows, n) if n <= len(train_rows) else [rng.choice(train_rows) for _ in range(n)]
+    field = cfg.teacher.pi_field
+    # The OPSD teacher is the frozen step-0 student: one frozen model rolls out and scores every prompt.
+    path = resolve_path(cfg.model.path, cfg)
+    tok = load_tokenizer(path)
+    model = load_model(path, device, trainable=False, dtype=weights_dtype(device, cfg.teacher.dtype))
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+    teacher = Teacher(
+        model,
+        tok,
+        teacher_prompt_builder(task, cfg.teacher),
+        amp=autocast,
+        enable_thinking=teacher_enable_thinking(cfg),
+    )
+    student_view = Teacher(
+        model,
+        tok,
+        student_prompt_builder(task, cfg.teacher),
+        amp=autocast,
+        enable_thinking=cfg.model.enable_thinking,
+    )
+    teacher.prompt_ids(rows[0])  # a PI field the rows lack: one line now, not after the rollouts
+    shared = len({str(r.get(field)) for r in train_rows}) == 1
+    kind = pi_kind(field, shared)
+
+    prompt_ids = student_prompt_ids(tok, task, cfg.model.enable_thinking, cfg.teacher)
+    sampling = SamplingConfig(
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        n=samples + 1,  # sample 0 is the scored rollout y; 1.. are the student's independent I' draws
+    )
+    dtype = "bfloat16" if amp == torch.bfloat16 else "float32"
+    engine = rollout_engine(cfg, path, device, dtype=dtype, model=model)
+    try:
+        groups = engine.generate([prompt_ids(r) for r in rows], sampling, derive_seed(seed, 1))
+        direct = (
+            direct_answers(engine, tok, task, teacher, rows, prompt_ids, sampling, samples, seed)
+            if kind == "answer"
+            else None
+        )
+    finally:
+        engine.close()
+    responses = [g[0].response_ids for g in groups]
+    correct = [
+        task.verify(r, tok.decode(y, skip_special_tokens=True)).correct
+        for r, y in zip(rows, responses, strict=True)
+    ]
+
+    variants: list[list[Variant]] = []
+    asked = available = same_student = same_marginal = same_direct = alternatives = 0
+    for i, (row, group) in enumerate(zip(rows, groups, strict=True)):
+        ref = str(row[field])
+        vs = [Variant(i, "reference", row, True)]
+        for s in group[1:]:
+            asked += 1
+            value = student_pi(task, row, tok.decode(s.response_ids, skip_special_tokens=True), field, kind)
+            if value is not None:
+                available += 1
+                same_student += value == ref
+                vs.append(Variant(i, "student", {**row, field: value}, value == ref))
+        for value in direct[i] if direct else []:
+            same_direct += value == ref
+            vs.append(Variant(i, "direct", {**row, field: value}, value == ref))
+        for value in task.alternative_pis(row, field):
+            alternatives += 1
+            vs.append(Variant(i, "valid", {**row, field: value}, value == ref))
+        for other in rng.sample(train_rows, min(samples, len(train_rows))):
+            value = str(other[field])
+            same_marginal += value == ref
+            vs.append(Variant(i, "marginal", {**row, field: value}, value == ref))
+        vs.append(Variant(i, "none", row, False))
+        variants.append(vs)
+
+    stats: dict[str, list[torch.Tensor]] = {k: [] for k in [*STATS, "student_bar_vs_none"]}
+    # sequences per teacher forward; each prompt's statistics are accumulated as its variants come back
+    batch = cfg.trainer.micro_batch_size if cfg.trainer.micro_batch_size > 0 else DEFAULT_BATCH
+    flat = [v for vs in variants for v in vs]  # prompt-major, each prompt's reference first
+    pending = {i: PromptStats(len(responses[i])) for i in range(n)}
+    alignment = 0.0
+    for lo in range(0, len(flat), batch):
+        part = flat[lo : lo + batch]
+        with_pi = [v for v in part if v.source != "none"]
+        plain = [v for v in part if v.source == "none"]
+        scored = {}
+        if with_pi:
+            out = teacher.score([v.row for v in with_pi], [responses[v.index] for v in with_pi]).full
+            scored.update(zip(map(id, with_pi), out, strict=True))
+        if plain:
+            own = student_view.score([v.row for v in plain], [responses[v.index] for v in plain]).full
+            scored.update(zip(map(id, plain), own, strict=True))
+            alignment = max(
+                alignment,
+                alignment_error(
+                    own, [responses[v.index] for v in plain], [groups[v.index][0].logprobs for v in plain]
+                ),
+            )
+        for v in part:
+            pending[v.index].add(v, scored[id(v)])
+            if v.source == "none":  # a prompt's last variant
+                pending.pop(v.index).finish(stats)
+        del scored
+
+    boot = np.random.default_rng(derive_seed(seed, 23))
+    summary = {k: summarize(v, boot) for k, v in stats.items()}
+    return {
+        "n": n,
+        "samples": samples,
+        "seed": seed,
+        "model": str(cfg.model.path),
+        "task": str(cfg.task.name),
+        "pi_field": field,
+        "pi_kind": kind,
+        "shared": shared,
+        "teacher_prompt_example": tok.decode(teacher.prompt_ids(rows[0])),
+        "student_prompt_example": tok.decode(prompt_ids(rows[0])),
+        "response_tokens": int(sum(len(y) for y in responses)),
+        "rollout_accuracy": sum(correct) / n,
+        "student_pi_available": available / asked,
+        "student_pi_same_as_reference": same_student / available if available else None,
+        "direct_available": None if direct is None else sum(bool(d) for d in direct) / n,
+        "direct_same_as_reference": (
+            same_direct / sum(len(d) for d in direct) if direct and any(direct) else None
+        ),
+        "marginal_same_as_reference": same_marginal
+        / sum(1 for vs in variants for v in vs if v.source == "marginal"),
+        "valid_alternatives_per_prompt": alternatives / n,
+        "kl": summary,
+        # the headline for preflight: what the student cannot close even at its own optimum
+        "gap_to_student_optimum": summary["student_bar"]["mean"] if summary["student_bar"] else None,
+        # answer PI: the same where the teacher commits to its answer (before the student's scratchpad)
+        "gap_where_teacher_commits": summary["direct_bar"]["mean"] if summary["direct_bar"] else None,
+        # the student's prompt scored like a teacher's vs the engine's own log-probs of its rollouts
+        "alignment_max_abs_logprob_diff": alignment,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def format_pi_dependence(result: dict) -> str:
+    def cell(s: dict | None) -> str:
+        if s is None:
+            return "| n/a | | | | |"
+        lo, hi = s["ci95"]
+        return (
+            f"| {s['mean']:.4f} | [{lo:.4f}, {hi:.4f}] | {s['sd_over_prompts']:.4f} | "
+            f"{s['first_token_mean']:.4f} | {s['prompts']} |"
+        )
+
+    same = result["student_pi_same_as_reference"]
+    direct = result["direct_same_as_reference"]
+    lines = [
+        f"PI probe: teacher.pi_field={result['pi_field']} ({result['pi_kind']}), model {result['model']}, "
+        f"{result['n']} rollouts x {result['samples']} I' samples, {result['response_tokens']} response tokens, "
+        f"rollout accuracy {result['rollout_accuracy']:.3f}",
+        "| I' (in place of the reference PI I) | E KL(q(.|x,I,y<t) || q(.|x,I',y<t)) per token | 95% CI | "
+        "sd over prompts | first token | prompts |",
+        "|---|---|---|---|---|---|",
+        *[f"| {label} {cell(result['kl'][k])}" for k, label in STATS.items()],
+        f"| KL(q_bar(student) || no PI): how far the optimum is from the student now "
+        f"{cell(result['kl']['student_bar_vs_none'])}",
+        f"I' == I: the student's own {'n/a' if same is None else f'{same:.3f}'} (the student could supply one in "
+        f"{result['student_pi_available']:.3f} of its samples), another problem's "
+        f"{result['marginal_same_as_reference']:.3f}, the student's answer where the teacher commits "
+        f"{'n/a' if direct is None else f'{direct:.3f}'}; other valid PIs per problem: "
+        f"{result['valid_alternatives_per_prompt']:.1f}",
+        f"alignment: the student's prompt scored as a teacher reproduces its rollouts' log-probs within "
+        f"{result['alignment_max_abs_logprob_diff']:.1e}; wall time {result['wall_s']:.1f} s",
+    ]
+    return "\n".join(lines)
