@@ -101,7 +101,8 @@ gpu-check:
 PY ?= 3.12
 WHEELHOUSE ?= wheelhouse
 WHEELHOUSE_SKIP ?= scripts/gpu_image_has.txt
-WHEEL_PYTHON ?= python3
+# a current pip resolves in seconds; pip 23 backtracks for many minutes on this cross-platform resolve
+WHEEL_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 OFFLINE_PYTHON ?= python3
 wheelhouse:
 	$(WHEEL_PYTHON) scripts/wheelhouse.py --python-version $(PY) --out $(WHEELHOUSE) \

@@ -140,7 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-glibc", type=int, default=28, help="newest manylinux_2_N the target's glibc runs (N)"
     )
-    return build(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    import pip  # the resolver of pip < 24 backtracks for many minutes on this cross-platform resolve
+
+    if int(pip.__version__.split(".")[0]) < 24:
+        print(
+            f"error: {sys.executable} has pip {pip.__version__}; the wheelhouse needs pip >= 24 (run it with "
+            f"WHEEL_PYTHON=.venv/bin/python, or upgrade: {sys.executable} -m pip install -U pip)",
+            file=sys.stderr,
+        )
+        return 2
+    return build(args)
 
 
 if __name__ == "__main__":
