@@ -249,6 +249,32 @@ def prevalidate(overrides: list[str], multirun: bool, writes: bool = True) -> li
         raise UsageError(explain_config_exception(exc, overrides)) from exc
 
 
+def preflight_jobs(overrides: list[str]) -> list[list[str]]:
+    """`opd preflight`'s jobs: every job `opd run -m` would run (a grid preset expanded into its cells)."""
+    from opd_cli.grid import expand_grid
+
+    expansion = expand_grid(overrides, True, conf_dir(), cell_choices)
+    prevalidate(expansion.overrides if expansion else overrides, multirun=True, writes=False)
+    return job_overrides(expansion.overrides if expansion else overrides, multirun=True)
+
+
+def preflight_gate(overrides: list[str], multirun: bool) -> None:
+    """`opd run preflight=true`: part A of `opd preflight` for every job, before anything is written;
+    a fail raises OpdError (one line). A config that does not compose is left to prevalidate's message."""
+    try:
+        cfgs = [compose(combo) for combo in job_overrides(overrides, multirun)]
+    except Exception:  # noqa: BLE001 - prevalidate reports it in one line
+        return
+    wanted = [c for c in cfgs if c.preflight]
+    if wanted:
+        from opd_cli.stages.preflight import gate
+        from opd_cli.testbed.build import ensure_for_config
+
+        for cfg in wanted:
+            ensure_for_config(cfg)
+        gate(wanted)
+
+
 def release_claims() -> None:
     """Unlock the directories this process claimed (the run is over; in-process callers run again)."""
     while _held_locks:
