@@ -98,10 +98,15 @@ def test_broken_pair_fails_with_one_line(pair_root, tmp_path, side, edit, check,
 
 def test_pi_field_missing_and_pi_not_in_prompt(tmp_path):
     proc = preflight(
-        tmp_path, "teacher=self_answer", "model=opsd_base", "teacher.prompt_template='{problem} H:{reference}'"
+        tmp_path,
+        "teacher=self_answer",
+        "model=opsd_base",
+        "teacher.prompt_template='{problem} H:{reference}'",
     )
     assert_fails(proc, "pi_fields", "['reference']", tmp_path)
-    proc = preflight(tmp_path, "teacher=self_answer", "model=opsd_base", "teacher.prompt_template='{problem}'")
+    proc = preflight(
+        tmp_path, "teacher=self_answer", "model=opsd_base", "teacher.prompt_template='{problem}'"
+    )
     assert_fails(proc, "pi_fields", "does not change", tmp_path)
 
 
