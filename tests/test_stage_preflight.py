@@ -128,7 +128,7 @@ def test_testbed_pairs_pass_with_part_b(tmp_path):
         assert set(b["mechanism_2"]["arms"]) >= {"topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm"}
         expected = "mechanism 3: not measured yet" if args else "n/a (no privileged information)"
         assert b["mechanism_3"]["status"] == expected
-        assert "| recipe | part A |" in (out / "preflight.md").read_text()
+        assert "| recipe | seed | part A |" in (out / "preflight.md").read_text()
 
 
 def test_run_preflight_true_refuses_to_start(pair_root, tmp_path):
@@ -206,3 +206,48 @@ def test_mass_change_matches_autograd():
     closed = mass_change(torch.log_softmax(z, -1), g, 4).sum()
     # float64 sums of 165 terms of size <= 1: agreement to ~1e-14; 1e-10 is a loose, still-failing bound
     assert abs(float(closed) - float(d)) < 1e-10
+
+
+def test_run_preflight_true_passes_then_trains(pair_root, tmp_path):
+    overrides = broken(pair_root, tmp_path, "teacher", lambda d: None)
+    run_dir = tmp_path / "run"
+    proc = run_opd(
+        "run",
+        *FAST,
+        "preflight=true",
+        "trainer.steps=1",
+        "trainer.prompts_per_step=2",
+        "eval.size=2",
+        "eval.max_new_tokens=8",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (run_dir / "summary.json").is_file()
+
+
+def test_vllm_teacher_path_agrees_with_hf(tmp_path):
+    """teacher.backend=vllm: the recipe's own teacher path (vLLM in process) is compared with the HF
+    forward on the same sequences (tolerance TOLERANCES['fp32']['vllm'], argued there)."""
+    proc = preflight(tmp_path, "teacher.backend=vllm", "loss.support=intersection")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recipe = json.loads((tmp_path / "out" / "preflight.json").read_text())["recipes"][0]
+    assert {c["name"]: c["status"] for c in recipe["checks"]}["teacher_paths"] == "pass"
+
+
+def test_vllm_path_check_fails_on_other_scores(scored):
+    from opd_cli.losses import TeacherLogprobs
+    from opd_cli.stages.preflight import TOLERANCES, check_vllm_path
+
+    teacher, rows, responses = scored
+    full = teacher.score(rows, responses).full
+    top, ids = full.topk(5, dim=-1)
+    sampled = full.gather(
+        -1, torch.tensor([r + [0] * (full.shape[1] - len(r)) for r in responses]).unsqueeze(-1)
+    )
+    same = TeacherLogprobs(topk_ids=ids, topk_logprobs=top, sampled=sampled.squeeze(-1))
+    assert check_vllm_path(same, full, responses, TOLERANCES["fp32"]).status == "pass"
+    other = TeacherLogprobs(topk_ids=ids, topk_logprobs=top + 0.01, sampled=sampled.squeeze(-1))
+    check = check_vllm_path(other, full, responses, TOLERANCES["fp32"])
+    assert check.status == "fail" and "teacher paths disagree" in check.detail

@@ -5,7 +5,6 @@ and measure the paper's mechanisms on a bounded number of the student's own roll
     opd preflight teacher=self_answer               # an OPSD recipe (its PI fields are checked)
     opd preflight experiment=matrix                 # one row per cell of the grid
     opd preflight experiment=qwen3_opd_8b_topk --rollouts 0   # part A only
-    opd preflight rollout=hf --rollouts 16 --out preflight/    # preflight.json + preflight.md there
     opd run preflight=true                          # part A before training: a fail refuses to start
 
 Part A, pair compatibility (each check passes or fails with its fix in one line; any fail ends the
@@ -22,8 +21,9 @@ command with exit 2 before weights are loaded or rollouts sampled):
     pi_fields         OPSD: the PI fields exist in the data and change the teacher's prompt
   with weights (skipped, with the reason, where they are absent or too large for this device):
     position_alignment  the student scoring its own rollouts through the teacher-scoring path: KL ~ 0
-    teacher_determinism the same sequences scored twice, and one at a time vs batched (and by vLLM when
-                        teacher.backend=vllm) agree within the tolerances argued at TOLERANCES
+    teacher_determinism the same sequences scored twice, and one at a time vs batched, agree within the
+                        tolerances argued at TOLERANCES
+    teacher_paths       teacher.backend=vllm: vLLM's top-K / sampled-token log-probs = the HF forward's
     sampler_logprobs    the rollout engine's log-probs = the learner's at temperature 1
 
 Part B, no training: mechanism 1 (top-K overlap, the teacher's NLL of the student's samples, its mass on
@@ -99,6 +99,7 @@ class Check:
 class RecipeResult:
     recipe: str
     overrides: list[str]
+    seed: int = 0
     checks: list[Check] = field(default_factory=list)
     part_b: dict | None = None
     part_b_skipped: str | None = None
@@ -411,6 +412,30 @@ def check_teacher_determinism(score, rows: list[dict], responses: list[list[int]
     return _pass("teacher_determinism", f"twice: {again:.1e}, alone vs batched: {worst:.1e} nats (max)")
 
 
+def check_vllm_path(vllm_out, hf_full: torch.Tensor, responses: list[list[int]], tol: dict) -> Check:
+    """teacher.backend=vllm: its top-K and sampled-token log-probs against the HF forward's full ones."""
+    worst = 0.0
+    for i, r in enumerate(responses):
+        n = len(r)
+        if n:
+            hf = hf_full[i, :n].float()
+            at_top = hf.gather(-1, vllm_out.topk_ids[i, :n].to(hf.device))
+            worst = max(
+                worst, float((at_top - vllm_out.topk_logprobs[i, :n].to(hf.device).float()).abs().max())
+            )
+            ids = torch.tensor(r, device=hf.device).unsqueeze(-1)
+            sampled = hf.gather(-1, ids).squeeze(-1)
+            worst = max(worst, float((sampled - vllm_out.sampled[i, :n].to(hf.device).float()).abs().max()))
+    if worst > tol["vllm"]:
+        return _fail(
+            "teacher_paths",
+            f"the vLLM teacher's log-probs differ from the HF forward's by up to {worst:.2e} nats (tolerance "
+            f"{tol['vllm']:.0e}) on the same sequences: the two teacher paths disagree; check the served "
+            f"model, its tokenizer and --logprobs-mode raw_logprobs",
+        )
+    return _pass("teacher_paths", f"vLLM vs HF teacher: {worst:.1e} nats (max, top-K and sampled tokens)")
+
+
 def position_alignment(
     student_logp: torch.Tensor, as_teacher_logp: torch.Tensor, mask: torch.Tensor, tol
 ) -> Check:
@@ -544,7 +569,7 @@ def preflight_recipe(cfg: DictConfig, recipe: str, overrides: list[str], rollout
     """Part A (files, then weights), then part B on `rollouts` student rollouts (0: part A only). Stops
     at the first stage with a fail: nothing expensive runs after a failed check."""
     started = time.monotonic()
-    result = RecipeResult(recipe, overrides, budget=budget(cfg, rollouts))
+    result = RecipeResult(recipe, overrides, seed=cfg.seed, budget=budget(cfg, rollouts))
     seed_everything(cfg.seed)
     task, train_rows, _ = load_task_and_data(cfg.task)
     rows = train_rows[:TEMPLATE_ROWS]
@@ -608,6 +633,19 @@ def run_weights(cfg, result: RecipeResult, task, train_rows, pair: Pair, device,
     result.checks.append(position_alignment(s_logp, as_teacher.score(rows, responses).full, mask, tol))
     result.checks.append(check_teacher_determinism(teacher.score, rows[:8], responses[:8], tol))
     result.checks.append(check_sampler_logprobs(samples, s_logp, responses, tol))
+    if cfg.teacher.backend == "vllm":  # the recipe's own path, against the HF forward on the same sequences
+        from opd_cli.teacher_server.scorer import build_vllm_teacher
+
+        served = build_vllm_teacher(
+            cfg, task, pair.s_tok, student.config.vocab_size, pair.teacher_path, device, rows[0]
+        )
+        try:
+            vllm_out = served.score(rows[:8], responses[:8])
+        finally:
+            served.close()
+        result.checks.append(
+            check_vllm_path(vllm_out, teacher.score(rows[:8], responses[:8]).full, responses[:8], tol)
+        )
     if result.failed:
         result.part_b_skipped = "part A failed"
         return
@@ -657,16 +695,21 @@ B_COLUMNS = (
 
 
 def summary_rows(results: list[RecipeResult]) -> tuple[list[str], list[list[str]]]:
-    header = ["recipe", "part A", *(name for name, _ in B_COLUMNS)]
+    header = ["recipe", "seed", "part A", *(name for name, _ in B_COLUMNS)]
     rows = []
     for r in results:
         part_a = "fail: " + ", ".join(c.name for c in r.failed) if r.failed else "pass"
         if r.part_b is None:
             rows.append(
-                [r.recipe, part_a, *([f"skipped ({r.part_b_skipped})"] + [""] * (len(B_COLUMNS) - 1))]
+                [
+                    r.recipe,
+                    str(r.seed),
+                    part_a,
+                    *([f"skipped ({r.part_b_skipped})"] + [""] * (len(B_COLUMNS) - 1)),
+                ]
             )
         else:
-            rows.append([r.recipe, part_a, *(_fmt(get(r.part_b)) for _, get in B_COLUMNS)])
+            rows.append([r.recipe, str(r.seed), part_a, *(_fmt(get(r.part_b)) for _, get in B_COLUMNS)])
     return header, rows
 
 
@@ -677,7 +720,7 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def arm_table(results: list[RecipeResult]) -> str:
-    header = ["recipe", "k", *(f"{a}: dP_topK / tail rises" for a in TOPK_ARMS)]
+    header = ["recipe", "seed", "k", *(f"{a}: dP_topK / tail rises" for a in TOPK_ARMS)]
     rows = []
     for r in results:
         if r.part_b:
@@ -685,6 +728,7 @@ def arm_table(results: list[RecipeResult]) -> str:
             rows.append(
                 [
                     r.recipe,
+                    str(r.seed),
                     str(m2["k"]),
                     *(
                         f"{_fmt(m2['arms'][a]['d_topk_mass'])} / {_fmt(m2['arms'][a]['tail_rises_share'])}"
