@@ -251,3 +251,63 @@ def test_vllm_path_check_fails_on_other_scores(scored):
     other = TeacherLogprobs(topk_ids=ids, topk_logprobs=top + 0.01, sampled=sampled.squeeze(-1))
     check = check_vllm_path(other, full, responses, TOLERANCES["fp32"])
     assert check.status == "fail" and "teacher paths disagree" in check.detail
+
+
+def test_think_block_mismatch_fails_prompt_tail(pair_root, tmp_path):
+    """Qwen3-style template on both sides, the student without thinking (an empty think block ends its
+    prompt), the teacher with it: the teacher's prompt ends one think block earlier."""
+    from test_chat_templates import QWEN3_STYLE
+
+    def qwen3_style(directory: Path) -> None:
+        (directory / "chat_template.jinja").write_text(QWEN3_STYLE)
+
+    overrides = broken(pair_root, tmp_path, "teacher", qwen3_style)
+    qwen3_style(Path(overrides[0].split("=", 1)[1]))
+    proc = preflight(tmp_path, *overrides, "model.enable_thinking=false", "teacher.enable_thinking=true")
+    assert_fails(proc, "prompt_tail", "enable_thinking student=False, teacher=True", tmp_path)
+
+
+def test_without_weights_part_a_runs_from_tokenizer_and_config(pair_root, tmp_path):
+    """Only tokenizer + config.json on disk: the file checks run and pass, the weight checks say why not."""
+
+    def drop_weights(directory: Path) -> None:
+        for f in directory.glob("*.safetensors"):
+            f.unlink()
+
+    overrides = broken(pair_root, tmp_path, "teacher", drop_weights)
+    drop_weights(Path(overrides[0].split("=", 1)[1]))
+    proc = preflight(tmp_path, *overrides)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recipe = json.loads((tmp_path / "out" / "preflight.json").read_text())["recipes"][0]
+    status = {c["name"]: (c["status"], c["detail"]) for c in recipe["checks"]}
+    assert status["stop_tokens"][0] == status["prompt_tail"][0] == status["embedding_rows"][0] == "pass"
+    for name in ("position_alignment", "teacher_determinism", "temperature"):
+        assert status[name] == (
+            "skip",
+            "no local weights for the student and teacher: position/determinism checks and part B skipped",
+        )
+
+
+def test_temperature_contract_fails_on_scaled_sampler_logprobs(scored):
+    """Sample log-probs reported at temperature 0.8 (not the raw ones the loss uses) fail the contract."""
+    from opd_cli.rollout.base import Sample
+    from opd_cli.stages.preflight import TOLERANCES, check_temperature
+
+    teacher, rows, responses = scored
+    full = teacher.score(rows, responses).full  # the model's temperature-1 log-probs of these tokens
+
+    def samples(temperature: float) -> list[Sample]:
+        logp = torch.log_softmax(torch.log_softmax(full, -1) / temperature, -1)
+        return [
+            Sample(
+                [1],
+                r,
+                logp[i, : len(r)].gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1).tolist(),
+                "stop",
+            )
+            for i, r in enumerate(responses)
+        ]
+
+    assert check_temperature(samples(1.0), full, responses, TOLERANCES["fp32"], 1.0).status == "pass"
+    check = check_temperature(samples(0.8), full, responses, TOLERANCES["fp32"], 1.0)
+    assert check.status == "fail" and "another temperature" in check.detail
