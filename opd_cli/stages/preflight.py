@@ -71,6 +71,11 @@ TOPK_ARMS = ("topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm")  # mechanism 2'
 # Models whose weights exceed this on a CPU are not loaded: part A keeps its tokenizer/config checks.
 CPU_WEIGHTS_LIMIT_GB = 4.0
 TEMPLATE_ROWS = 8  # rows whose prompts the template checks compare
+WEIGHT_CHECK_SEQUENCES = 8  # rollouts the weight checks score (each check is a max over their positions)
+OVERLAP_K = 20  # mechanism 1's top-K overlap (the diagnostics' default K)
+# Part B scores this many sequences per forward (or trainer.micro_batch_size): [chunk, T, V] fp32 tensors
+# stay bounded on a 151,936-token vocabulary (8 x 1,024 x 151,936 x 4 B = 5 GB per tensor).
+PART_B_CHUNK = 8
 
 # Tolerances of the weight checks, in nats, per the dtype the models run in. fp32 (the CPU default): two
 # forwards of the same tokens differ only in reduction order (batch padding changes the matmul blocking),
@@ -486,10 +491,6 @@ def hedging_ids(tokenizer, hedging: list[str]) -> list[int]:
     return out
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(x[mask].float().mean()) if bool(mask.any()) else float("nan")
-
-
 def mass_change(logp: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
     """First-order change of P_S (the student's top-k mass) under one unit step z <- z - g in logit space:
     dp_v = p_v (dz_v - <p, dz>) with dz = -g, so dP_S = -(sum_S p_v g_v - P_S <p, g>). [B, T]; the tail
@@ -501,40 +502,63 @@ def mass_change(logp: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
     return -((p_s * g_s).sum(-1) - p_s.sum(-1) * mean_g)
 
 
-def mechanism_1(s_logp, t_logp, tokens, mask, k: int, hedge: list[int]) -> dict:
-    s_top = s_logp.topk(k, dim=-1).indices
-    t_top = t_logp.topk(k, dim=-1).indices
-    overlap = (s_top.unsqueeze(-1) == t_top.unsqueeze(-2)).any(-1).float().mean(-1)
-    nll = -t_logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    out = {f"top{k}_overlap": masked_mean(overlap, mask), "teacher_nll": masked_mean(nll, mask)}
+def position_measures(cfg: DictConfig, logits, s_logp, teacher, tokens, mask, behavior, hedge) -> dict:
+    """Per response position [B, T]: mechanism 1 (top-K overlap at OVERLAP_K, the teacher's NLL of the
+    sampled token, both sides' mass on the hedging tokens) and mechanism 2 (KL_S > 0 on the student's
+    top-k, k = loss.k; per loss arm, the recipe's then every TopK arm at the recipe's k / support /
+    tail_bucket: the first-order change of the top-k mass, and whether the tail mass rises)."""
+    t_logp = teacher.full
+    vocab = s_logp.shape[-1]
+    ko, k = min(OVERLAP_K, vocab), min(int(cfg.loss.k), vocab)
+    s_top, t_top = s_logp.topk(ko, dim=-1).indices, t_logp.topk(ko, dim=-1).indices
+    out = {
+        "overlap": (s_top.unsqueeze(-1) == t_top.unsqueeze(-2)).any(-1).float().mean(-1),
+        "teacher_nll": -t_logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
+    }
     if hedge:
         ids = torch.tensor(hedge, device=t_logp.device)
-        out["teacher_hedging_mass"] = masked_mean(t_logp.exp().index_select(-1, ids).sum(-1), mask)
-        out["student_hedging_mass"] = masked_mean(s_logp.exp().index_select(-1, ids).sum(-1), mask)
-    return out
-
-
-def mechanism_2(cfg: DictConfig, logits, s_logp, teacher, tokens, mask, behavior) -> dict:
-    """Per loss arm (the recipe's, then every TopK arm at the recipe's k and support)."""
-    k = min(int(cfg.loss.k), s_logp.shape[-1])
+        out["teacher_hedging_mass"] = t_logp.exp().index_select(-1, ids).sum(-1)
+        out["student_hedging_mass"] = s_logp.exp().index_select(-1, ids).sum(-1)
     top = s_logp.topk(k, dim=-1).indices
-    kl_s = (s_logp.exp().gather(-1, top) * (s_logp.gather(-1, top) - teacher.full.gather(-1, top))).sum(-1)
-    out = {"k": k, "kl_s_positive_share": masked_mean((kl_s > KL_S_EPS).float(), mask), "arms": {}}
+    kl_s = (s_logp.exp().gather(-1, top) * (s_logp.gather(-1, top) - t_logp.gather(-1, top))).sum(-1)
+    out["kl_s_positive"] = (kl_s > KL_S_EPS).float()
     base = loss_kwargs(cfg.loss)
-    for name in dict.fromkeys([cfg.loss.name, *TOPK_ARMS]):
+    for name in arms(cfg):
         opts = {key: v for key, v in base.items() if key in losses.loss_options(name)}
         for key in ("k", "support", "tail_bucket"):
             if key in losses.loss_options(name) and key in cfg.loss:
                 opts[key] = cfg.loss[key]
         if name == "sampled_rkl":
             opts["behavior_logprobs"] = behavior
-        grad = losses.logit_grad(name, logits, teacher, tokens, mask, **opts)
-        d_top = mass_change(s_logp, grad, k)
-        out["arms"][name] = {
-            "d_topk_mass": masked_mean(d_top, mask),  # per unit logit step; the tail moves by the opposite
-            "tail_rises_share": masked_mean((d_top < 0).float(), mask),
-        }
+        d_top = mass_change(s_logp, losses.logit_grad(name, logits, teacher, tokens, mask, **opts), k)
+        out[f"{name}/d_topk_mass"] = d_top  # per unit logit step; the tail mass moves by the opposite
+        out[f"{name}/tail_rises"] = (d_top < 0).float()
     return out
+
+
+def arms(cfg: DictConfig) -> list[str]:
+    return list(dict.fromkeys([cfg.loss.name, *TOPK_ARMS]))
+
+
+def part_b_summary(cfg: DictConfig, means: dict[str, float], vocab: int) -> dict:
+    m1 = {
+        "overlap_k": min(OVERLAP_K, vocab),
+        "topk_overlap": means["overlap"],
+        "teacher_nll": means["teacher_nll"],
+        **{key: means[key] for key in ("teacher_hedging_mass", "student_hedging_mass") if key in means},
+    }
+    m2 = {
+        "k": min(int(cfg.loss.k), vocab),
+        "kl_s_positive_share": means["kl_s_positive"],
+        "arms": {
+            name: {
+                "d_topk_mass": means[f"{name}/d_topk_mass"],
+                "tail_rises_share": means[f"{name}/tail_rises"],
+            }
+            for name in arms(cfg)
+        },
+    }
+    return {"mechanism_1": m1, "mechanism_2": m2}
 
 
 def mechanism_3(cfg: DictConfig) -> dict:
@@ -628,15 +652,18 @@ def run_weights(cfg, result: RecipeResult, task, train_rows, pair: Pair, device,
     finally:
         engine.close()
     responses = [s.response_ids for s in samples]
-    batch = pack(prompts, responses, pair.s_tok.pad_token_id).to(device)
+    few = slice(0, WEIGHT_CHECK_SEQUENCES)
+    batch = pack(prompts[few], responses[few], pair.s_tok.pad_token_id).to(device)
     with torch.no_grad():
         _, logits = ResponseForward(student)(batch.input_ids, batch.attention_mask, batch.response_index)
-    logits = logits.float()
-    s_logp = torch.log_softmax(logits, -1)
+    s_logp = torch.log_softmax(logits.float(), -1)
     mask = batch.response_mask
-    result.checks.append(position_alignment(s_logp, as_teacher.score(rows, responses).full, mask, tol))
-    result.checks.append(check_teacher_determinism(teacher.score, rows[:8], responses[:8], tol))
-    result.checks.append(check_temperature(samples, s_logp, responses, tol, cfg.rollout.temperature))
+    as_teacher_logp = as_teacher.score(rows[few], responses[few]).full
+    result.checks.append(position_alignment(s_logp, as_teacher_logp, mask, tol))
+    result.checks.append(check_teacher_determinism(teacher.score, rows[few], responses[few], tol))
+    result.checks.append(
+        check_temperature(samples[few], s_logp, responses[few], tol, cfg.rollout.temperature)
+    )
     if cfg.teacher.backend == "vllm":  # the recipe's own path, against the HF forward on the same sequences
         from opd_cli.teacher_server.scorer import build_vllm_teacher
 
@@ -644,31 +671,59 @@ def run_weights(cfg, result: RecipeResult, task, train_rows, pair: Pair, device,
             cfg, task, pair.s_tok, student.config.vocab_size, pair.teacher_path, device, rows[0]
         )
         try:
-            vllm_out = served.score(rows[:8], responses[:8])
+            vllm_out = served.score(rows[few], responses[few])
         finally:
             served.close()
-        result.checks.append(
-            check_vllm_path(vllm_out, teacher.score(rows[:8], responses[:8]).full, responses[:8], tol)
-        )
+        hf_full = teacher.score(rows[few], responses[few]).full
+        result.checks.append(check_vllm_path(vllm_out, hf_full, responses[few], tol))
+    del logits, s_logp, as_teacher_logp
     if result.failed:
         result.part_b_skipped = "part A failed"
         return
     if rollouts <= 0:
         result.part_b_skipped = "--rollouts 0"
         return
-    t_out = teacher.score(rows, responses)
-    behavior = torch.zeros(mask.shape, device=device)
-    for i, s in enumerate(samples):
-        behavior[i, : len(s.logprobs)] = torch.tensor(s.logprobs, device=device)
+    result.part_b = measure_part_b(cfg, task, pair, student, teacher, rows, prompts, samples, device)
+
+
+def measure_part_b(cfg, task, pair: Pair, student, teacher, rows, prompts, samples, device) -> dict:
+    """Part B on the rollouts, PART_B_CHUNK sequences per forward; every figure is a mean over all
+    response positions (readiness: over rollouts)."""
     hedge = hedging_ids(pair.s_tok, list(cfg.diagnostics.hedging_tokens or task.hedging_tokens))
-    result.part_b = {
-        "mechanism_1": mechanism_1(
-            s_logp, t_out.full, batch.response_ids, mask, min(20, s_logp.shape[-1]), hedge
-        ),
-        "mechanism_2": mechanism_2(cfg, logits, s_logp, t_out, batch.response_ids, mask, behavior),
+    chunk = cfg.trainer.micro_batch_size or PART_B_CHUNK
+    values: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(samples), chunk):
+        part = samples[start : start + chunk]
+        responses = [s.response_ids for s in part]
+        batch = pack(prompts[start : start + chunk], responses, pair.s_tok.pad_token_id).to(device)
+        with torch.no_grad():
+            _, logits = ResponseForward(student)(batch.input_ids, batch.attention_mask, batch.response_index)
+        logits = logits.float()
+        behavior = torch.zeros(batch.response_mask.shape, device=device)
+        for i, s in enumerate(part):
+            behavior[i, : len(s.logprobs)] = torch.tensor(s.logprobs, device=device)
+        t_out = teacher.score(rows[start : start + chunk], responses)
+        measures = position_measures(
+            cfg,
+            logits,
+            torch.log_softmax(logits, -1),
+            t_out,
+            batch.response_ids,
+            batch.response_mask,
+            behavior,
+            hedge,
+        )
+        for key, v in measures.items():
+            values.setdefault(key, []).append(v[batch.response_mask].float().cpu())
+        del logits, t_out, measures
+    means = {
+        key: float(torch.cat(v).mean()) if sum(map(len, v)) else float("nan") for key, v in values.items()
+    }
+    return {
+        **part_b_summary(cfg, means, student.config.vocab_size),
         "mechanism_3": mechanism_3(cfg),
         "readiness": readiness(task, pair.s_tok, rows, samples),
-        "positions": int(mask.sum()),
+        "positions": sum(len(s.response_ids) for s in samples),
     }
 
 
@@ -685,7 +740,7 @@ def check_table(result: RecipeResult) -> str:
 
 
 B_COLUMNS = (
-    ("top-K overlap", lambda b: b["mechanism_1"].get("top20_overlap", next(iter(b["mechanism_1"].values())))),
+    ("top-K overlap", lambda b: b["mechanism_1"]["topk_overlap"]),
     ("teacher NLL", lambda b: b["mechanism_1"]["teacher_nll"]),
     ("teacher hedge mass", lambda b: b["mechanism_1"].get("teacher_hedging_mass", "n/a")),
     ("KL_S>0", lambda b: b["mechanism_2"]["kl_s_positive_share"]),
