@@ -126,6 +126,7 @@ def test_testbed_pairs_pass_with_part_b(tmp_path):
         b = recipe["part_b"]
         assert b["positions"] > 0 and 0.0 <= b["mechanism_1"]["topk_overlap"] <= 1.0
         assert set(b["mechanism_2"]["arms"]) >= {"topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm"}
+        assert b["mechanism_2"]["recipe_loss"] == "topk_rkl_stopgrad"  # the default recipe's and self_answer's
         expected = "mechanism 3: not measured yet" if args else "n/a (no privileged information)"
         assert b["mechanism_3"]["status"] == expected
         assert "| recipe | seed | part A |" in (out / "preflight.md").read_text()

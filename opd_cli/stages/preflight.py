@@ -548,6 +548,7 @@ def part_b_summary(cfg: DictConfig, means: dict[str, float], vocab: int) -> dict
         **{key: means[key] for key in ("teacher_hedging_mass", "student_hedging_mass") if key in means},
     }
     m2 = {
+        "recipe_loss": cfg.loss.name,  # its arm is in "arms" beside the TopK ones (a json file sorts keys)
         "k": min(int(cfg.loss.k), vocab),
         "kl_s_positive_share": means["kl_s_positive"],
         "arms": {
@@ -744,8 +745,9 @@ B_COLUMNS = (
     ("teacher NLL", lambda b: b["mechanism_1"]["teacher_nll"]),
     ("teacher hedge mass", lambda b: b["mechanism_1"].get("teacher_hedging_mass", "n/a")),
     ("KL_S>0", lambda b: b["mechanism_2"]["kl_s_positive_share"]),
-    ("dP_topK (recipe loss)", lambda b: next(iter(b["mechanism_2"]["arms"].values()))["d_topk_mass"]),
-    ("tail rises", lambda b: next(iter(b["mechanism_2"]["arms"].values()))["tail_rises_share"]),
+    ("recipe loss", lambda b: b["mechanism_2"]["recipe_loss"]),
+    ("dP_topK", lambda b: b["mechanism_2"]["arms"][b["mechanism_2"]["recipe_loss"]]["d_topk_mass"]),
+    ("tail rises", lambda b: b["mechanism_2"]["arms"][b["mechanism_2"]["recipe_loss"]]["tail_rises_share"]),
     ("well-formed", lambda b: b["readiness"]["well_formed"]),
     ("truncation", lambda b: b["readiness"]["truncation"]),
     ("sampled acc", lambda b: b["readiness"]["sampled_accuracy"]),
