@@ -141,8 +141,6 @@ def run_cmd(ctx: click.Context) -> None:
         if "--help" not in args and "--version" not in args:
             launch.check_hydra_flags(args)
             writes = not ({"--cfg", "-c", "--info"} & set(args))
-            if writes and not launch.torchrun_follower():  # preflight=true: part A before anything is written
-                launch.preflight_gate(overrides, multirun)
             # under torchrun only rank 0 claims the run directory; the others get it from rank 0
             pinned = launch.prevalidate(overrides, multirun, writes=writes and not launch.torchrun_follower())
             args = [a for a in args if a not in overrides] + pinned

@@ -126,20 +126,23 @@ def test_testbed_pairs_pass_with_part_b(tmp_path):
         b = recipe["part_b"]
         assert b["positions"] > 0 and 0.0 <= b["mechanism_1"]["topk_overlap"] <= 1.0
         assert set(b["mechanism_2"]["arms"]) >= {"topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm"}
-        assert b["mechanism_2"]["recipe_loss"] == "topk_rkl_stopgrad"  # the default recipe's and self_answer's
+        assert (
+            b["mechanism_2"]["recipe_loss"] == "topk_rkl_stopgrad"
+        )  # the default recipe's and self_answer's
         expected = "mechanism 3: not measured yet" if args else "n/a (no privileged information)"
         assert b["mechanism_3"]["status"] == expected
         assert "| recipe | seed | part A |" in (out / "preflight.md").read_text()
     # part B scores in chunks (bounded memory): 2 sequences per forward gives the means of 8 per forward.
-    # The sequences differ only in padding, which moves fp32 log-probs by <= 1e-6 (TOLERANCES' argument);
-    # the continuous means agree to 1e-5
+    # The sequences differ only in padding, which moves fp32 log-probs by <= 1.6e-5 nats (measured, see
+    # TOLERANCES), so a mean over positions moves by at most that: 1e-4 for the teacher NLL; dP_topK is a
+    # product of such log-probs' probabilities and gradients, relative 1e-5 of its scale
     proc = run_opd(
         "preflight", *FAST, "--rollouts", "6", "--out", str(out), "trainer.micro_batch_size=2", *args
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     chunked = json.loads((out / "preflight.json").read_text())["recipes"][0]["part_b"]
     assert chunked["positions"] == b["positions"]
-    assert abs(chunked["mechanism_1"]["teacher_nll"] - b["mechanism_1"]["teacher_nll"]) < 1e-5
+    assert abs(chunked["mechanism_1"]["teacher_nll"] - b["mechanism_1"]["teacher_nll"]) < 1e-4
     arm = "topk_rkl_stopgrad"
     got, want = (x["mechanism_2"]["arms"][arm]["d_topk_mass"] for x in (chunked, b))
     assert abs(got - want) < 1e-5 * max(abs(want), 1e-3)
