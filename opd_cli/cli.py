@@ -329,13 +329,17 @@ def print_plans(overrides: list[str], multirun: bool, prompt_tokens: int = 512) 
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 @click.option(
     "--rollouts",
-    type=int,
+    type=click.IntRange(min=0),
     default=32,
     show_default=True,
     help="Part B: student rollouts per recipe (0: part A).",
 )
 @click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("preflight"), show_default=True
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("preflight"),
+    show_default=True,
+    help="Where preflight.json and preflight.md go (each written atomically).",
 )
 def preflight_cmd(overrides: tuple[str, ...], rollouts: int, out: Path) -> None:
     """Before training: pair compatibility (part A, exit 2 on any fail) and the mechanism measurements on
@@ -344,9 +348,9 @@ def preflight_cmd(overrides: tuple[str, ...], rollouts: int, out: Path) -> None:
     \b
     Examples:
       opd preflight                                  # the default recipe on the testbed
-      opd preflight teacher=self_answer rollout=hf
-      opd preflight experiment=matrix --out experiments/preflight
-      opd preflight experiment=qwen3_opd_8b_topk --rollouts 0
+      opd preflight teacher=self_answer              # an OPSD recipe (its PI fields are checked)
+      opd preflight experiment=matrix                # one row per cell of the grid
+      opd preflight experiment=qwen3_opd_8b_topk --rollouts 0   # part A only
     """
     from opd_cli.stages import preflight
     from opd_cli.testbed.build import ensure_for_config

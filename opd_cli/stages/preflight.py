@@ -66,7 +66,6 @@ from opd_cli.teachers import (
     teacher_prompt_builder,
 )
 
-DEFAULT_ROLLOUTS = 32  # part B's budget per recipe: student rollouts (one prompt each)
 TOPK_ARMS = ("topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm")  # mechanism 2's comparison arms
 # Models whose weights exceed this on a CPU are not loaded: part A keeps its tokenizer/config checks.
 CPU_WEIGHTS_LIMIT_GB = 4.0
@@ -253,9 +252,7 @@ def check_prompt_tail(
     return _pass("prompt_tail", f"{len(rows)} rows end with the student's generation prompt on both sides")
 
 
-def check_pi_fields(
-    cfg: DictConfig, task, rows: list[dict], s_tok, s_builder, t_builder, s_thinking, t_thinking
-):
+def check_pi_fields(cfg: DictConfig, rows: list[dict], s_tok, s_builder, t_builder, s_thinking, t_thinking):
     """OPSD: every PI field the teacher's prompt reads is in the rows, and it changes the teacher's prompt
     (against the student's prompt and against the same row with the PI field emptied)."""
     if cfg.teacher.kind != "self_pi":
@@ -329,7 +326,7 @@ def file_checks(cfg: DictConfig, task, rows: list[dict], pair: Pair) -> list[Che
     PI fields are known to exist (pi_fields first), and compared only when the student's has a
     generation prompt to compare with."""
     p = pair
-    pi = check_pi_fields(cfg, task, rows, p.s_tok, p.s_builder, p.t_builder, p.s_thinking, p.t_thinking)
+    pi = check_pi_fields(cfg, rows, p.s_tok, p.s_builder, p.t_builder, p.s_thinking, p.t_thinking)
     checks = [
         check_vocabulary(p.s_tok, p.t_tok),
         check_embedding_rows(p.s_conf, p.t_conf, p.s_tok),
