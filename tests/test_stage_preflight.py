@@ -241,6 +241,7 @@ def test_run_preflight_true_passes_then_trains(pair_root, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "preflight: 9 checks passed, skipped: pi_fields" in proc.stderr
     assert (run_dir / "summary.json").is_file()
 
 

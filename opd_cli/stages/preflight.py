@@ -37,6 +37,7 @@ for opd_cli/stages/pi_probe.py) and readiness (well-formedness, truncation, samp
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -822,3 +823,9 @@ def gate(cfgs: list[DictConfig]) -> None:
         result = preflight_recipe(cfg, cfg.cell.name, [], rollouts=0)
         if result.failed:
             raise OpdError(f"preflight: {result.failed[0].line()} (opd preflight prints every check)")
+        passed = sum(c.status == "pass" for c in result.checks)
+        skipped = [c.name for c in result.checks if c.status == "skip"]
+        print(
+            f"preflight: {passed} checks passed" + (f", skipped: {', '.join(skipped)}" if skipped else ""),
+            file=sys.stderr,
+        )
