@@ -10,6 +10,7 @@
     opd probe-pi experiment=opsd_answer_pi                   # the PI-dependence probe (mechanism 3)
     opd report multirun/2026-11-29/10-00-00-000000           # the matrix table, verdicts and plots
     opd plan experiment=qwen3_opd_8b_topk                    # the memory plan per device
+    opd preflight experiment=matrix                          # pair checks + mechanisms, one row per cell
 
 This file holds the click commands only; what happens between a command line and a stage (composing,
 prevalidation, run-directory claiming, resume, the data-parallel launch, the Hydra job) is launch.py.
@@ -351,6 +352,65 @@ def print_plans(overrides: list[str], multirun: bool, prompt_tokens: int = 512) 
         plans.append(plan)
     for plan in plans:
         check_fit(plan)
+
+
+# --------------------------------------------------------------------------------------- opd preflight
+@main.command("preflight", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option(
+    "--rollouts",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Part B: student rollouts per recipe (0: part A).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("preflight"),
+    show_default=True,
+    help="Where preflight.json and preflight.md go (each written atomically).",
+)
+def preflight_cmd(overrides: tuple[str, ...], rollouts: int, out: Path) -> None:
+    """Before training: pair compatibility (part A, exit 2 on any fail) and the mechanism measurements on
+    the student's own rollouts (part B), per recipe; a grid preset gives one row per cell.
+
+    \b
+    Examples:
+      opd preflight                                  # the default recipe on the testbed
+      opd preflight teacher=self_answer              # an OPSD recipe (its PI fields are checked)
+      opd preflight experiment=matrix                # one row per cell of the grid
+      opd preflight experiment=qwen3_opd_8b_topk --rollouts 0   # part A only
+    """
+    from opd_cli.stages import preflight
+    from opd_cli.testbed.build import ensure_for_config
+
+    try:
+        jobs = launch.preflight_jobs(list(overrides))
+        cfgs = [launch.compose(combo) for combo in jobs]
+        for cfg in cfgs:
+            ensure_for_config(cfg)
+        click.echo(
+            f"preflight budget: {len(cfgs)} recipe(s) x (part A + {rollouts} student rollouts of <= "
+            f"{cfgs[0].rollout.max_new_tokens} tokens, scored by the teacher); "
+            f"{preflight.budget(cfgs[0], rollouts)['fraction_of_run_rollouts']:.1%} of one run's rollouts",
+            err=True,
+        )
+        results = []
+        for combo, cfg in zip(jobs, cfgs, strict=True):
+            name = cfg.cell.name if cfg.cell.name != "default" else (" ".join(combo) or "default")
+            result = preflight.preflight_recipe(cfg, name, combo, rollouts)
+            click.echo(preflight.check_table(result))
+            results.append(result)
+    except OpdError as exc:
+        fail(str(exc))
+    click.echo(preflight.markdown(*preflight.summary_rows(results)))
+    preflight.write_outputs(out, results, "opd preflight " + " ".join(overrides))
+    click.echo(f"results: {out / 'preflight.json'} and {out / 'preflight.md'}")
+    failed = [(r.recipe, c) for r in results for c in r.failed]
+    if failed:
+        recipe, check = failed[0]
+        fail(f"preflight: {len(failed)} check(s) failed; first: {recipe}: {check.line()}")
 
 
 main.add_command(bench_group)

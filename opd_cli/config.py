@@ -213,6 +213,8 @@ class Config:
     resume: str | None = None
     overwrite: bool = False
     testbed_dir: str | None = None  # None = $OPD_TESTBED_DIR, else the checkpoints shipped in the package
+    # run `opd preflight`'s pair-compatibility checks (part A) before the stage; a fail refuses to start
+    preflight: bool = False
 
 
 def register_configs() -> None:

@@ -236,17 +236,42 @@ def _with_run_dir(cfg, run_dir: Path):
 
 def prevalidate(overrides: list[str], multirun: bool, writes: bool = True) -> list[str]:
     """Fail fast, with one line, on anything Hydra or our validation would reject. With `writes`, also
-    claim the output directory; returns the overrides to launch with (the claimed directory pinned)."""
+    run the preflight checks of jobs with preflight=true and claim the output directory; returns the
+    overrides to launch with (the claimed directory pinned)."""
     try:
-        for combo in job_overrides(overrides, multirun):
-            compose(combo)
-        return claim_output_dir(overrides, multirun) if writes else overrides
+        cfgs = [compose(combo) for combo in job_overrides(overrides, multirun)]
+        if not writes:
+            return overrides
+        preflight_gate(cfgs)  # preflight=true: the pair checks, before the directory is claimed
+        return claim_output_dir(overrides, multirun)
     except OpdError:
         raise
     except Exception as exc:  # noqa: BLE001 - every compose error becomes one line
         if debug_mode():
             raise
         raise UsageError(explain_config_exception(exc, overrides)) from exc
+
+
+def preflight_jobs(overrides: list[str]) -> list[list[str]]:
+    """`opd preflight`'s jobs: every job `opd run -m` would run (a grid preset expanded into its cells)."""
+    from opd_cli.grid import expand_grid
+
+    expansion = expand_grid(overrides, True, conf_dir(), cell_choices)
+    prevalidate(expansion.overrides if expansion else overrides, multirun=True, writes=False)
+    return job_overrides(expansion.overrides if expansion else overrides, multirun=True)
+
+
+def preflight_gate(cfgs: list) -> None:
+    """`opd run preflight=true`: part A of `opd preflight` for every such job, before anything is
+    written; a fail raises OpdError (one line)."""
+    wanted = [c for c in cfgs if c.preflight]
+    if wanted:
+        from opd_cli.stages.preflight import gate
+        from opd_cli.testbed.build import ensure_for_config
+
+        for cfg in wanted:
+            ensure_for_config(cfg)
+        gate(wanted)
 
 
 def release_claims() -> None:
