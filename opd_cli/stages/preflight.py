@@ -30,8 +30,8 @@ command with exit 2 before weights are loaded or rollouts sampled):
 Part B, no training: mechanism 1 (top-K overlap, the teacher's NLL of the student's samples, its mass on
 hedging / revision tokens after student prefixes), mechanism 2 (per loss arm: the first-order change of
 the student's top-K and tail mass under one step, from the closed-form logit gradients; the share of
-positions with truncated KL_S > 0), mechanism 3 (OPSD PI dependence: `mechanism_3`, the extension point
-for opd_cli/stages/pi_probe.py) and readiness (well-formedness, truncation, sampled accuracy).
+positions with truncated KL_S > 0), mechanism 3 (OPSD PI dependence: `mechanism_3`, the gap to q_bar
+measured by opd_cli/stages/pi_probe.py) and readiness (well-formedness, truncation, sampled accuracy).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from opd_cli.stages.common import (
     teacher_enable_thinking,
 )
 from opd_cli.stages.opd import batch_rows, loss_kwargs
+from opd_cli.stages.pi_probe import pi_dependence
 from opd_cli.teachers import (
     PromptBuilder,
     Teacher,
@@ -561,13 +562,39 @@ def part_b_summary(cfg: DictConfig, means: dict[str, float], vocab: int) -> dict
     return {"mechanism_1": m1, "mechanism_2": m2}
 
 
-def mechanism_3(cfg: DictConfig) -> dict:
-    """Mechanism 3 (OPSD aggregation: how much the PI-conditioned teacher depends on information the
-    student cannot supply, E KL(q(.|x, I) || q(.|x, I'))). The extension point for
-    opd_cli/stages/pi_probe.py: its measurement goes here, one dict per recipe; until then the row says so."""
+def mechanism_3(cfg: DictConfig, n: int, seed: int) -> dict:
+    """Mechanism 3 (OPSD aggregation): how much the PI-conditioned teacher depends on information the
+    student cannot supply, on `n` of the student's rollouts (`stages.pi_probe.pi_dependence`, 4 samples of
+    the student's own PI per prompt). The headline is the per-token KL from the reference teacher to q_bar,
+    the normalized geometric mean over what the student would put in the PI's place (its optimum in the
+    paper's analysis), and, for an answer PI, the same where the teacher commits to its answer; ~0 for a
+    shared rule."""
     if cfg.teacher.kind != "self_pi":
         return {"status": "n/a (no privileged information)"}
-    return {"status": "mechanism 3: not measured yet"}
+    if n <= 0:
+        return {"status": "not measured (no rollouts)"}
+    result = pi_dependence(cfg, n, seed, samples=4)
+    gaps = {
+        "gap_to_student_optimum": result["gap_to_student_optimum"],
+        "gap_where_teacher_commits": result["gap_where_teacher_commits"],
+    }
+    worst = max((g for g in gaps.values() if g is not None), default=None)
+    none = result["kl"].get("none") or {}
+    return {
+        "status": (
+            "not measurable"
+            if worst is None
+            # float round-off around an exact 0 (a shared rule) is said as such
+            else "gap to the student's optimum ~0 (< 1e-6 nats/token)"
+            if abs(worst) < 1e-6
+            else f"gap to the student's optimum {worst:.3g} nats/token"
+        ),
+        **gaps,
+        "kl_to_no_pi": none.get("mean"),
+        "shared": result["shared"],
+        "student_pi_same_as_reference": result["student_pi_same_as_reference"],
+        "wall_s": result["wall_s"],
+    }
 
 
 def readiness(task, tokenizer, rows, samples) -> dict:
@@ -721,7 +748,7 @@ def measure_part_b(cfg, task, pair: Pair, student, teacher, rows, prompts, sampl
     }
     return {
         **part_b_summary(cfg, means, student.config.vocab_size),
-        "mechanism_3": mechanism_3(cfg),
+        "mechanism_3": mechanism_3(cfg, len(rows), cfg.seed),
         "readiness": readiness(task, pair.s_tok, rows, samples),
         "positions": sum(len(s.response_ids) for s in samples),
     }
