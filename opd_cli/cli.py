@@ -11,6 +11,8 @@
     opd report multirun/2026-11-29/10-00-00-000000           # the matrix table, verdicts and plots
     opd plan experiment=qwen3_opd_8b_topk                    # the memory plan per device
     opd preflight experiment=matrix                          # pair checks + mechanisms, one row per cell
+    opd teacher serve                                        # vLLM's server for the recipe's teacher
+    opd gpu-check --out experiments/gpu_check                # the CUDA acceptance run (tiny on a CPU)
 
 This file holds the click commands only; what happens between a command line and a stage (composing,
 prevalidation, run-directory claiming, resume, the data-parallel launch, the Hydra job) is launch.py.
