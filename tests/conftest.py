@@ -163,3 +163,23 @@ class GradientRecorder:
     def take(self) -> list[dict]:
         steps, self.steps = self.steps, []
         return steps
+
+
+@pytest.fixture
+def torch_threads_for_tests():
+    """`threads_for_tests()` torch threads in this process for the test (training results depend on the
+    thread count; the testbed builds single-threaded); the previous count is restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_for_tests())
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    """The testbed's character tokenizer (built in memory)."""
+    from opd_cli.testbed.tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer()

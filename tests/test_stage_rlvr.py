@@ -10,23 +10,16 @@ from conftest import TINY, base_args, metrics, opd
 from opd_cli.stages.rlvr import GRPOOptions, clipped_pg_loss, group_advantages, grpo_train
 from opd_cli.tasks import make_task
 from opd_cli.testbed import paths
-from opd_cli.testbed.tokenizer import build_char_tokenizer
 
 ASSETS = paths.ASSETS_DIR
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Training results depend on the thread count; the testbed builds single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_threads_for_tests")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
+def tok(char_tokenizer):
+    return char_tokenizer
 
 
 def test_group_advantages():

@@ -10,21 +10,13 @@ import torch
 from conftest import base_args, opd
 
 from opd_cli.stages.sft import SFTOptions, prompt_ids, sft_train
-from opd_cli.testbed.tokenizer import build_char_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Training results depend on the thread count; the testbed builds single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_threads_for_tests")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
+def tok(char_tokenizer):
+    return char_tokenizer
 
 
 def _tiny_model(tok, seed: int = 0):

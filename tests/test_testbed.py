@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import threads_for_tests
 
 from opd_cli.errors import OpdError
 from opd_cli.stages.sft import prompt_ids
@@ -32,13 +31,7 @@ FIGURES = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Training results depend on the thread count; the testbed builds single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads_for_tests())
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_threads_for_tests")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +43,8 @@ def manifest() -> dict:
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
+def tok(char_tokenizer):
+    return char_tokenizer
 
 
 # ---- the shipped testbed ------------------------------------------------------------------------------
