@@ -183,3 +183,32 @@ def char_tokenizer():
     from opd_cli.testbed.tokenizer import build_char_tokenizer
 
     return build_char_tokenizer()
+
+
+# A tiny OPD run on HF rollouts: the shape the 1-rank vs 2-rank / 2-node curve tests share.
+DP_TINY = [
+    "trainer.prompts_per_step=4",
+    "eval.size=4",
+    "eval.every=0",
+    "eval.max_new_tokens=8",
+    "rollout.max_new_tokens=16",
+    "rollout=hf",
+    "logger=none",
+    "task.train_size=64",
+]
+# Runs of several steps go through AdamW, whose update g / (sqrt(v) + eps) moves a weight whose gradient
+# is ~0 up to round-off by up to lr with the default eps=1e-8. With eps=1e-2 a weight moves by at most
+# lr * |g| / eps, so two paths whose gradients agree to 1e-7 * |g|max (round-off; 1e-5 for two teacher
+# implementations) keep weights within ~1e-8 (1e-7) of each other, step-2 logits within ~1e-7 and
+# sampled tokens identical (a flip needs a uniform draw within 1e-7 of a CDF boundary); the later steps'
+# metrics then agree like step 1's.
+STABLE_ADAM = "trainer.adam_eps=1e-2"
+# Loss curves of two code paths (metrics.jsonl): step means of fp32 sums in another order, ~1e-6 apart
+CURVE_RTOL = 1e-4
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    """The training steps' rows of a run's metrics.jsonl (evaluation rows left out)."""
+    from opd_cli.rundir import read_metrics
+
+    return [r for r in read_metrics(run_dir) if "loss" in r]

@@ -13,17 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GradientRecorder, assert_gradients_match, run_opd
+from conftest import STABLE_ADAM, GradientRecorder, assert_gradients_match, run_opd
 
 # Metrics of one step (loss, grad norm, diagnostics) are sums over the same tokens in another order:
 # fp32 round-off, ~1e-7 relative (see conftest's GRAD_RTOL for the argument); 1e-5 leaves room.
 RTOL = 1e-5
-# Runs of several steps go through AdamW, whose update g / (sqrt(v) + eps) moves a weight whose gradient
-# is ~0 up to round-off by up to lr with the default eps=1e-8. With eps=1e-2 a weight moves by at most
-# lr * |g| / eps, so two paths whose gradients agree to 1e-7 * |g|max keep weights within ~1e-8 of each
-# other, step-2 logits within ~1e-7 and sampled tokens identical (a flip needs a uniform draw within
-# 1e-7 of a CDF boundary); the step-2 metrics then agree like step 1's.
-STABLE_ADAM = "trainer.adam_eps=1e-2"
 TINY = [
     "trainer.prompts_per_step=5",  # micro-batches of 2, 2, 1: unequal sizes and token counts
     "eval.size=4",

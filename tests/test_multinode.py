@@ -13,40 +13,24 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import REPO, run_opd
+from conftest import CURVE_RTOL, DP_TINY, REPO, STABLE_ADAM, run_opd, threads_for_tests, train_rows
 
 from opd_cli.distributed import free_port
 
-TINY = [
-    "trainer.prompts_per_step=4",
-    "eval.size=4",
-    "eval.every=0",
-    "eval.max_new_tokens=8",
-    "rollout.max_new_tokens=16",
-    "rollout=hf",
-    "logger=none",
-    "task.train_size=64",
-]
-LOSS_RTOL = 1e-4  # gloo all-reduce of fp32 gradients over 2 ranks vs one process: float round-off
-
-
-def train_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
-
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_two_nodes_follow_the_one_rank_loss_curve(models, tmp_path):
     args = [
         f"model.path={models['student']}",
         f"teacher.path={models['teacher']}",
-        *TINY,
+        *DP_TINY,
         "trainer.steps=2",
         "loss=topk_rkl",
         "trainer.lr=1e-3",
+        STABLE_ADAM,  # step 2 from equal weights on both sides (see conftest)
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     res = run_opd("run", *args, f"hydra.run.dir={one}", cwd=tmp_path)
@@ -54,7 +38,7 @@ def test_two_nodes_follow_the_one_rank_loss_curve(models, tmp_path):
     port = free_port()
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": str(threads_for_tests()),
         "WANDB_MODE": "offline",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
@@ -86,7 +70,7 @@ def test_two_nodes_follow_the_one_rank_loss_curve(models, tmp_path):
     assert [r["step"] for r in b] == [1, 2]
     for key in ("loss", "grad_norm", "response_length", "student_mass_in_support"):
         for ra, rb in zip(a, b, strict=True):
-            assert math.isclose(ra[key], rb[key], rel_tol=LOSS_RTOL, abs_tol=1e-7), (key, ra[key], rb[key])
+            assert math.isclose(ra[key], rb[key], rel_tol=CURVE_RTOL, abs_tol=1e-7), (key, ra[key], rb[key])
     assert a[0]["tokens"] == b[0]["tokens"]  # the same rollouts: same global token count
     assert json.loads((two / "status.json").read_text())["status"] == "ok"
     print("loss 1 rank:", [r["loss"] for r in a], "2 nodes:", [r["loss"] for r in b])

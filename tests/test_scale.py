@@ -11,41 +11,24 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import run_opd
+from conftest import CURVE_RTOL, DP_TINY, STABLE_ADAM, run_opd, train_rows
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "trainer.prompts_per_step=4",
-    "eval.size=4",
-    "eval.every=0",
-    "eval.max_new_tokens=8",
-    "rollout.max_new_tokens=16",
-    "rollout=hf",
-    "logger=none",
-    "task.train_size=64",
-]
-LOSS_RTOL = 1e-4
 
 
 def opd(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
     return run_opd(*args, cwd=cwd, timeout=timeout, env=env)
 
 
-def train_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
-
-
 def base(models, *extra: str) -> list[str]:
-    return [f"model.path={models['student']}", f"teacher.path={models['teacher']}", *TINY, *extra]
+    return [f"model.path={models['student']}", f"teacher.path={models['teacher']}", *DP_TINY, *extra]
 
 
 @pytest.mark.numerics
 # ------------------------------------------------------------------------------------- data parallel
 def test_two_ranks_follow_the_one_rank_loss_curve(models, tmp_path):
-    # adam_eps=1e-2: step 2 starts from weights that agree to ~1e-8 on both sides (see test_microbatch's
-    # STABLE_ADAM); with eps=1e-8 AdamW turns round-off in ~0 gradient entries into lr-sized differences
-    args = base(models, "trainer.steps=2", "loss=topk_rkl", "trainer.lr=1e-3", "trainer.adam_eps=1e-2")
+    # STABLE_ADAM: step 2 starts from weights that agree to ~1e-8 on both sides (see conftest)
+    args = base(models, "trainer.steps=2", "loss=topk_rkl", "trainer.lr=1e-3", STABLE_ADAM)
     one, two = tmp_path / "one", tmp_path / "two"
     res = opd("run", *args, f"hydra.run.dir={one}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -55,7 +38,7 @@ def test_two_ranks_follow_the_one_rank_loss_curve(models, tmp_path):
     assert [r["step"] for r in b] == [1, 2]
     for key in ("loss", "grad_norm", "response_length", "rollout_accuracy", "student_mass_in_support"):
         for ra, rb in zip(a, b, strict=True):
-            assert math.isclose(ra[key], rb[key], rel_tol=LOSS_RTOL, abs_tol=1e-7), (key, ra[key], rb[key])
+            assert math.isclose(ra[key], rb[key], rel_tol=CURVE_RTOL, abs_tol=1e-7), (key, ra[key], rb[key])
     assert a[0]["tokens"] == b[0]["tokens"]  # the same rollouts: same global token count
     # only rank 0 writes: one metrics file, one status, a checkpoint
     assert json.loads((two / "status.json").read_text())["status"] == "ok"
