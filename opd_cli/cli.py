@@ -73,17 +73,7 @@ def main(debug: bool) -> None:
     if debug:
         os.environ["HYDRA_FULL_ERROR"] = "1"
         os.environ["OPD_DEBUG"] = "1"
-    quiet_loaded_libraries()
     quiet_third_party()
-
-
-def quiet_loaded_libraries() -> None:
-    """transformers reads HF_HUB_DISABLE_PROGRESS_BARS once, at import: when it was imported before this
-    module (an embedding program, the test suite), its per-tensor "Loading weights" bars would still print."""
-    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" and "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------- opd run
