@@ -358,6 +358,7 @@ def test_max_logprobs_above_the_servers_is_caught_before_the_run(teacher_server,
 
 @pytest.mark.slow
 @pytest.mark.numerics
+@pytest.mark.vllm
 def test_in_process_vllm_teacher_follows_the_hf_teachers_curve(tmp_path):
     """Two vLLM engines in one process (rollouts + teacher): the loss curve of the HF teacher. Their
     log-probs differ by ~1e-5, so the steps after the first run with STABLE_ADAM (see conftest)."""
