@@ -216,3 +216,22 @@ def test_ensure_builds_missing_testbed_and_resolve_names_the_build(tmp_path, mon
 
 
 # ---- stages -------------------------------------------------------------------------------------------
+
+
+def test_shipped_tokenizer_loads_with_the_build_ids():
+    """Every testbed character, newline and space included, gets the same id through `AutoTokenizer` (which
+    loads a qwen2 directory as Qwen2Tokenizer, with its own byte-level pre-tokenizer) as through the
+    tokenizer the build trains with; with raw "\\n"/" " vocabulary entries the loaded one dropped both."""
+    from transformers import AutoTokenizer
+
+    from opd_cli.testbed.tokenizer import CHARACTERS
+
+    built = build_char_tokenizer()
+    text = "".join(CHARACTERS)
+    for name in paths.MODEL_NAMES:
+        loaded = AutoTokenizer.from_pretrained(str(ASSETS / name))
+        assert loaded(text).input_ids == built(text).input_ids == list(range(6, 6 + len(CHARACTERS))), name
+        prompt = loaded.apply_chat_template(
+            [{"role": "user", "content": "Q:347+285\nH:632"}], add_generation_prompt=True, tokenize=False
+        )
+        assert loaded.decode(loaded(prompt).input_ids) == prompt
