@@ -30,7 +30,8 @@ class ConfigError(OpdError):
 class TaskConfig:
     name: str = "arith"  # tasks registry name: arith | math
     digits: int = 3  # arith: operand length
-    rule: str | None = None  # arith: shared system-prompt rule ("concise") or none
+    rule: str | None = None  # arith: "concise" | "lsd" (shared preference) | "profile" (per row) | none
+    reference: str = "student"  # arith: a row's reference solution: student scratchpad | any valid one
     path: str | None = None  # local jsonl/parquet/save_to_disk dir or hub dataset name; None = generated
     split: str = "train"
     eval_path: str | None = None
@@ -54,7 +55,10 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     kind: str = "external"  # external | rlvr | self_pi
-    path: str = "testbed:teacher_large"  # ignored for self_pi (frozen copy of the step-0 student)
+    path: str = "testbed:teacher_large"  # ignored for self_pi (see pi_checkpoint)
+    # self_pi: the PI-conditioned teacher's weights; null = the frozen step-0 student (OPSD proper), a
+    # checkpoint = a stronger or RLVR-adapted model that sees the PI (the paper's "GRPO-trained PI teacher")
+    pi_checkpoint: str | None = None
     pi_field: str | None = None  # self_pi: answer | solution | system_prompt | any dataset field
     # self_pi: the teacher's user message; {problem} and any row field may appear.
     prompt_template: str = "{problem}"

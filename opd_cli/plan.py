@@ -171,8 +171,10 @@ def memory_plan(cfg: DictConfig, prompt_tokens: int = 512) -> dict:
     elif served_teacher(cfg):  # teacher.backend=vllm teacher.server=URL: the teacher lives elsewhere
         teacher = ModelShape(0, 0, 0, 0, 0, 0, 0, True)
         t_src = f"served by {', '.join(servers(cfg.teacher.server))} (no learner memory)"
-    elif cfg.teacher.kind == "self_pi":
+    elif cfg.teacher.kind == "self_pi" and not cfg.teacher.get("pi_checkpoint"):
         teacher, t_src = student, "frozen copy of the student"
+    elif cfg.teacher.kind == "self_pi":
+        teacher, t_src = model_shape(cfg.teacher.pi_checkpoint, cfg, student)
     else:
         fallback = student if cfg.teacher.kind == "rlvr" else None
         teacher, t_src = model_shape(cfg.teacher.path, cfg, fallback)

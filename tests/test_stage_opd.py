@@ -161,3 +161,16 @@ def test_pack_gathers_the_positions_that_predict_each_response_token(tiny_model_
         for t in range(len(r)):  # padded batch vs one sequence: fp32 round-off only (see the test above)
             assert torch.allclose(logits[i, t], full[len(p) - 1 + t], atol=1e-4)
     assert batch.response_mask.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_teacher_checkpoint_self_pi_defaults_to_the_student_and_pi_checkpoint_overrides():
+    from omegaconf import OmegaConf
+
+    from opd_cli.stages.common import teacher_checkpoint
+
+    cfg = OmegaConf.create({"teacher": {"kind": "self_pi", "path": "/t", "pi_checkpoint": None}})
+    assert teacher_checkpoint(cfg, "/student") == "/student"
+    cfg.teacher.pi_checkpoint = "/rlvr_pi_teacher"
+    assert teacher_checkpoint(cfg, "/student") == "/rlvr_pi_teacher"
+    cfg.teacher.kind = "external"
+    assert teacher_checkpoint(cfg, "/student") == "/t"

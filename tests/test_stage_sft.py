@@ -51,6 +51,19 @@ def test_sft_train_reduces_loss(tok):
     assert metrics["step"] == 40 and after < 0.5 * before
 
 
+def test_prefill_is_prompt_not_response(tok):
+    """A prefill (third element) extends the prompt ids, so no loss falls on it; the response is the rest."""
+    from opd_cli.stages.sft import tokenize_examples
+
+    msgs = [{"role": "user", "content": "Q:12+34"}]
+    ((p0, r0),) = tokenize_examples(tok, [(msgs, "2+4+0=06;A:46")])
+    ((p1, r1),) = tokenize_examples(tok, [(msgs, "A:46", "2+4+0=06;")])
+    assert p1 == p0 + tok("2+4+0=06;", add_special_tokens=False)["input_ids"]
+    assert r1 == tok("A:46", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert p1 + r1 == p0 + r0
+    assert tokenize_examples(tok, [(msgs, "A:46", "")]) == tokenize_examples(tok, [(msgs, "A:46")])
+
+
 def test_sft_train_is_deterministic(tok):
     examples = [([{"role": "user", "content": f"Q:{i}"}], f"A:{i}") for i in range(6)]
     runs = []

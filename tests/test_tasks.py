@@ -11,6 +11,8 @@ import pytest
 from opd_cli.tasks import TASKS, ArithTask, MathTask, Verdict, make_task
 from opd_cli.tasks.arith import (
     ALPHABET,
+    computed_lsd,
+    domain_pretraining_strings,
     extract_answer,
     follows_concise,
     format_concise_solution,
@@ -362,3 +364,84 @@ def test_math_concise_rule():
     assert t.verify(row, "It is \\boxed{0.5}").follows_rule is True
     assert t.verify(row, "wait but maybe it is \\boxed{0.5}").follows_rule is False
     assert t.verify(row, "0.5").follows_rule is False
+
+
+# ---- preferences, profiles and free reference solutions (the OPSD cells of issue 17) ------------------
+def test_task_options_never_change_the_problems():
+    """Every variant of arith poses the same problems from the same seed: the cells differ only in PI."""
+    base = [r["problem"] for r in ArithTask().generate(50, 7)]
+    for opts in ({"rule": "lsd"}, {"rule": "profile"}, {"rule": "restate"}, {"reference": "any"}):
+        assert [r["problem"] for r in ArithTask(**opts).generate(50, 7)] == base, opts
+
+
+def test_reference_any_draws_every_valid_style_and_each_verifies():
+    task = ArithTask(reference="any")
+    rows = task.generate(300, 0)
+    styles = set()
+    for r in rows:
+        correct, wf, _ = task.check(r, r["solution"])
+        assert correct and wf, r
+        styles.add(
+            "concise"
+            if "+" not in r["solution"]
+            else "student"
+            if r["solution"] == r["solution_student"]
+            else "swap"
+        )
+        assert r["solution"] not in task.alternative_pis(r, "solution")
+        assert len(task.alternative_pis(r, "solution")) == 2
+    assert styles == {"student", "swap", "concise"}
+    assert ArithTask().generate(5, 0)[0]["solution"] == ArithTask().generate(5, 0)[0]["solution_student"]
+
+
+def test_lsd_presentation_grading_and_checkers():
+    task = ArithTask(rule="lsd")
+    row = task.make_row(347, 285)
+    assert row["answer"] == "236" and row["system_prompt"] == "lsd"
+    assert task.system_text(row) == "P:lsd"
+    assert task.check(row, "7+5+0=12;4+8+1=13;3+2+1=06;A:236")[:2] == (True, True)
+    assert task.check(row, "7+5+0=12;4+8+1=13;3+2+1=06;A:632")[0] is False
+    assert task.follows_rule(row, "12;13;06;A:236") is True
+    # presentation only: a wrong scratchpad presented lsd-first still follows the preference
+    assert task.follows_rule(row, "12;13;07;A:237") is True
+    assert task.follows_rule(row, "12;13;06;A:632") is False
+    # final carry: 999+999 = 1998 -> scratchpad sums 18;19;19 -> lsd 8991
+    assert computed_lsd("9+9+0=18;9+9+1=19;9+9+1=19;A:8991") == "8991"
+    assert computed_lsd("no scratchpad") is None
+
+
+def test_profile_rows_mix_preferences_and_offer_the_other_one():
+    task = ArithTask(rule="profile")
+    rows = task.generate(400, 3)
+    prefs = [r["system_prompt"] for r in rows]
+    assert set(prefs) == {"msd", "lsd"} and 0.4 < prefs.count("lsd") / len(prefs) < 0.6
+    for r in rows[:20]:
+        assert task.check(r, r["solution"])[:2] == (True, True)
+        assert task.alternative_pis(r, "system_prompt") == [
+            p for p in ("msd", "lsd") if p != r["system_prompt"]
+        ]
+    # a shared rule has no alternative
+    assert ArithTask(rule="lsd").alternative_pis(ArithTask(rule="lsd").make_row(1, 2), "system_prompt") == []
+
+
+def test_restate_preference():
+    task = ArithTask(rule="restate")
+    row = task.make_row(347, 285)
+    assert row["solution"] == "347+285;7+5+0=12;4+8+1=13;3+2+1=06;A:632" and row["answer"] == "632"
+    assert task.check(row, row["solution"])[:2] == (True, True)
+    assert task.follows_rule(row, row["solution"]) is True
+    assert task.follows_rule(row, row["solution_student"]) is False
+    assert task.check(row, row["solution_student"])[0] is True  # the result is graded as usual
+
+
+def test_domain_pretraining_strings_hold_skill_not_the_format():
+    rng = random.Random(0)
+    strings = domain_pretraining_strings(300, rng, 40)
+    assert all(0 < len(s) <= 40 for s in strings)
+    assert not any(("A:" in s) or ("Q:" in s) or (";" in s) for s in strings)
+    sums = [p for s in strings for p in s.split(" ")[:-1] if "=" in p and p.count("+") == 1]
+    for p in sums:
+        lhs, rhs = p.split("=")
+        x, y = lhs.split("+")
+        assert int(x) + int(y) == int(rhs), p
+    assert sums

@@ -30,7 +30,11 @@ def resolve_path(spec: str, cfg: DictConfig) -> str:
 
 def task_options(task_cfg) -> dict:
     if task_cfg.name == "arith":
-        return {"digits": task_cfg.digits, "rule": task_cfg.rule}
+        return {
+            "digits": task_cfg.digits,
+            "rule": task_cfg.rule,
+            "reference": task_cfg.get("reference", "student"),
+        }
     if task_cfg.name == "math":
         return {
             "path": task_cfg.path,
@@ -40,6 +44,15 @@ def task_options(task_cfg) -> dict:
             "problem_regex": task_cfg.get("problem_regex"),
         }
     return {}
+
+
+def teacher_checkpoint(cfg: DictConfig, student_path: str) -> str:
+    """The teacher's weights: a self_pi teacher is the frozen step-0 student (`student_path`) unless
+    `teacher.pi_checkpoint` names other weights; every other kind is `teacher.path`."""
+    if cfg.teacher.kind != "self_pi":
+        return resolve_path(cfg.teacher.path, cfg)
+    pi = cfg.teacher.get("pi_checkpoint")
+    return resolve_path(pi, cfg) if pi else student_path
 
 
 def load_task_and_data(task_cfg) -> tuple[Task, list[dict], list[dict]]:

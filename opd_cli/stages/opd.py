@@ -53,6 +53,7 @@ from opd_cli.stages.common import (
     resolve_path,
     rollout_engine,
     seed_everything,
+    teacher_checkpoint,
     teacher_enable_thinking,
 )
 from opd_cli.stages.evaluate import evaluate, headline
@@ -135,8 +136,9 @@ class OPDRun:
         check_k_fits(cfg.loss, self.vocab_size)
         self.max_len = getattr(self.model.config, "max_position_embeddings", None)
 
-        # The OPSD teacher is a frozen copy of the step-0 student: the same checkpoint, loaded again.
-        teacher_path = student_path if cfg.teacher.kind == "self_pi" else resolve_path(cfg.teacher.path, cfg)
+        # The OPSD teacher is a frozen copy of the step-0 student (the same checkpoint, loaded again) unless
+        # teacher.pi_checkpoint names a stronger PI teacher.
+        teacher_path = teacher_checkpoint(cfg, student_path)
         # the student's prompts never show what the teacher's privileged information replaces
         self.prompt_ids = student_prompt_ids(
             self.tokenizer, self.task, cfg.model.enable_thinking, cfg.teacher

@@ -45,7 +45,13 @@ import torch
 from opd_cli.errors import OpdError
 from opd_cli.learner import autocast_dtype, load_model, load_tokenizer, pick_device, weights_dtype
 from opd_cli.rollout import SamplingConfig, derive_seed
-from opd_cli.stages.common import load_task_and_data, resolve_path, rollout_engine, teacher_enable_thinking
+from opd_cli.stages.common import (
+    load_task_and_data,
+    resolve_path,
+    rollout_engine,
+    teacher_checkpoint,
+    teacher_enable_thinking,
+)
 from opd_cli.tasks.base import Row, Task
 from opd_cli.teachers import Teacher, student_prompt_builder, student_prompt_ids, teacher_prompt_builder
 
@@ -287,16 +293,23 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
     rng = random.Random(derive_seed(seed, 17))
     rows = rng.sample(train_rows, n) if n <= len(train_rows) else [rng.choice(train_rows) for _ in range(n)]
     field = cfg.teacher.pi_field
-    # The OPSD teacher is the frozen step-0 student: one frozen model rolls out and scores every prompt.
+    # The OPSD teacher is the frozen step-0 student: one frozen model rolls out and scores every prompt
+    # (with teacher.pi_checkpoint, those weights score the PI-conditioned prompts).
     path = resolve_path(cfg.model.path, cfg)
     tok = load_tokenizer(path)
     model = load_model(path, device, trainable=False, dtype=weights_dtype(device, cfg.teacher.dtype))
+    teacher_path = teacher_checkpoint(cfg, path)
+    teacher_model = (
+        model
+        if teacher_path == path
+        else load_model(teacher_path, device, trainable=False, dtype=weights_dtype(device, cfg.teacher.dtype))
+    )
 
     def autocast():
         return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
     teacher = Teacher(
-        model,
+        teacher_model,
         tok,
         teacher_prompt_builder(task, cfg.teacher),
         amp=autocast,

@@ -56,6 +56,7 @@ from opd_cli.stages.common import (
     resolve_path,
     rollout_engine,
     seed_everything,
+    teacher_checkpoint,
     teacher_enable_thinking,
 )
 from opd_cli.stages.opd import batch_rows, loss_kwargs
@@ -304,7 +305,7 @@ class Pair:
 
 def read_pair(cfg: DictConfig, task) -> Pair:
     student_path = resolve_path(cfg.model.path, cfg)
-    teacher_path = student_path if cfg.teacher.kind == "self_pi" else resolve_path(cfg.teacher.path, cfg)
+    teacher_path = teacher_checkpoint(cfg, student_path)
     s_tok = load_tokenizer(student_path)
     t_tok = s_tok if teacher_path == student_path else load_tokenizer(teacher_path)
     return Pair(

@@ -213,7 +213,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the loop
-Example = tuple[list[dict], str]
+Example = tuple[list[dict], str] | tuple[list[dict], str, str]  # (messages, response[, prefill])
 
 
 def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool = False) -> list[int]:
@@ -235,15 +235,20 @@ def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool = False) -
 def tokenize_examples(
     tokenizer, examples: list[Example], enable_thinking: bool = False
 ) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids + EOS) per example; prompts are cached per distinct message list."""
+    """(prompt ids, response ids + EOS) per example; prompts are cached per distinct message list. An
+    example may carry a third element, a prefill: text the assistant turn starts with that is part of the
+    prompt (no loss on it), so the model learns how to continue it, not to write it."""
     cache: dict[str, list[int]] = {}
     out = []
-    for messages, response in examples:
+    for messages, response, *prefill in examples:
         key = repr(messages)
         if key not in cache:
             cache[key] = prompt_ids(tokenizer, messages, enable_thinking)
+        prompt = cache[key]
+        if prefill and prefill[0]:
+            prompt = prompt + tokenizer(prefill[0], add_special_tokens=False)["input_ids"]
         ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        out.append((cache[key], ids))
+        out.append((prompt, ids))
     return out
 
 

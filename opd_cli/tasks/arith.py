@@ -14,6 +14,20 @@ Formats (3 digits, 347+285; the answer is the plain integer, a final carry adds 
 Rule "concise" (the analogue of the paper's conciseness system prompt): rows store
 ``system_prompt="concise"``, the model sees the system message ``S:concise``.
 
+Preferences (the analogue of an alignment preference / a user profile): how the result is presented.
+``msd`` is the usual order (``A:632``), ``lsd`` the digits in the order the right-to-left scratchpad
+computed them (``A:236``). The model sees the system message ``P:lsd`` / ``P:msd``; a row's `answer` (and
+every solution field) is the presented result, so the verifier grades "right value, presented as this
+row's user prefers". Rule ``lsd``: every row prefers lsd (a shared preference). Rule ``profile``: each row's
+preference is drawn at random (a per-user profile the prompt does not reveal), from its own stream.
+Rule ``restate`` (system line ``P:restate``, the shared preference of the matrix): the response first
+restates the problem, ``347+285;7+5+0=12;...;A:632``; the result is presented as usual.
+
+Reference solutions: ``reference="student"`` (default) makes `solution` the student scratchpad, a function
+of the problem; ``reference="any"`` draws it per row among the problem's valid scratchpads (student,
+operand-swapped, concise), as a dataset whose reference writers chose freely would hold: a teacher
+conditioned on *this* solution then commits to a choice the problem does not determine.
+
 Privileged information for OPSD teachers is appended to the user message with ";" so that every
 prompt stays inside the task alphabet: ``Q:347+285;A:632`` (answer) or ``Q:347+285;<solution>``.
 """
@@ -28,7 +42,9 @@ from opd_cli.tasks.base import Row, Task
 
 REVISION_TOKEN = "W;"
 MIN_DIGITS, MAX_DIGITS = 1, 8
-RULES = (None, "concise")
+RULES = (None, "concise", "lsd", "profile", "restate")
+PREFERENCES = ("msd", "lsd")  # how the result is presented (the profile rule draws one per row)
+REFERENCES = ("student", "any")
 # characters of the task (and of the pretraining strings)
 ALPHABET = "0123456789+=;:AQSW" + "abcdefghijklmnopqrstuvwxyz"
 
@@ -66,8 +82,61 @@ def concise_steps(a: int, b: int) -> list[str]:
     return [f"{s:02d}" for _, _, _, s in _columns(a, b)]
 
 
-def _join(steps: list[str], answer: int) -> str:
+def _join(steps: list[str], answer: int | str) -> str:
     return "".join(f"{s};" for s in steps) + f"A:{answer}"
+
+
+def present(value: int, preference: str = "msd") -> str:
+    """The result as a user with `preference` reads it: `632` (msd) or `236` (lsd)."""
+    if preference not in PREFERENCES:
+        raise ValueError(f"unknown preference {preference!r}; use one of {list(PREFERENCES)}")
+    return str(value) if preference == "msd" else str(value)[::-1]
+
+
+def computed_lsd(response: str) -> str | None:
+    """The result the response's own scratchpad computed, least significant digit first (the ones digit
+    of each column sum, then the final carry if it is 1); None without a parseable scratchpad. Steps are
+    `a+b+c=dd` or `dd`; a revision trace counts from its restart after `W;`."""
+    i = response.rfind("A:")
+    if i < 0 or not response[:i].endswith(";"):
+        return None
+    steps = response[:i][:-1].split(";")
+    if REVISION_TOKEN[:-1] in steps:
+        steps = steps[len(steps) - 1 - steps[::-1].index(REVISION_TOKEN[:-1]) + 1 :]
+    sums = []
+    for step in steps:
+        tail = step.rsplit("=", 1)[-1]
+        if len(tail) != 2 or not tail.isdigit():
+            return None
+        sums.append(tail)
+    if not sums:
+        return None
+    return "".join(s[1] for s in sums) + ("1" if sums[-1][0] == "1" else "")
+
+
+def follows_lsd(row: Row, response: str) -> bool:
+    """The "lsd" preference checker (presentation only): the answer is the response's own scratchpad
+    result written least significant digit first. Whether the sums are right is `correct`'s business."""
+    lsd = computed_lsd(response) if isinstance(response, str) else None
+    return lsd is not None and extract_answer(response) == lsd
+
+
+def restatement(row: Row) -> str:
+    """What a response under P:restate opens with: `347+285;`."""
+    parsed = parse_problem(row.get("problem", ""))
+    return "" if parsed is None else f"{parsed[0]}+{parsed[1]};"
+
+
+def follows_restate(row: Row, response: str) -> bool:
+    """The "restate" preference checker: the response opens with the problem restated."""
+    prefix = restatement(row)
+    return bool(prefix) and isinstance(response, str) and response.startswith(prefix)
+
+
+def follows_msd(row: Row, response: str) -> bool:
+    """The "msd" preference checker: the scratchpad's own result in the usual order."""
+    lsd = computed_lsd(response) if isinstance(response, str) else None
+    return lsd is not None and extract_answer(response) == lsd[::-1]
 
 
 def format_problem(a: int, b: int) -> str:
@@ -130,7 +199,7 @@ def extract_answer(response: str) -> str | None:
     return tail if _DIGITS_RE.fullmatch(tail) else None
 
 
-def well_formed(a: int, b: int, response: str) -> bool:
+def well_formed(a: int, b: int, response: str, preference: str = "msd") -> bool:
     """True iff `response` is exactly one of: the student scratchpad, the concise scratchpad, the
     teacher scratchpad, or a revision trace (k in 1..digits student steps, `W;`, teacher scratchpad) —
     every step must be the arithmetically consistent one for this problem (column digits and carry
@@ -143,6 +212,8 @@ def well_formed(a: int, b: int, response: str) -> bool:
         return False
     body, ans = response[:i], response[i + 2 :]
     digits = len(str(a))
+    if preference == "lsd":  # the presented digits read backwards are the integer
+        ans = ans[::-1]
     if not (_DIGITS_RE.fullmatch(ans) and ans[0] != "0" and len(ans) in (digits, digits + 1)):
         return False
     if not body.endswith(";"):
@@ -181,6 +252,28 @@ def _task_like(s: str) -> bool:
     return re.search(r"A:[0-9]+\Z", s) is not None or _PROBLEM_RE.fullmatch(s) is not None
 
 
+def domain_pretraining_strings(n: int, rng: random.Random, max_len: int) -> list[str]:
+    """`n` strings of raw task-domain text, like a worked-examples page a Base LM has read: a sum of two
+    1-3 digit operands followed by its columns, right to left (`347+285=632 7+5+0=12 4+8+1=13 3+2+1=06`),
+    or a run of single column facts (`7+5+1=13 4+0+0=04`); at most `max_len` characters. Never the
+    response format (no `A:`, `Q:` or `;`): a model pretrained on them has the latent skill but does not
+    answer the task's prompts."""
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.7:
+            d = rng.randint(1, 3)
+            x, y = rng.randint(10 ** (d - 1), 10**d - 1), rng.randint(10 ** (d - 1), 10**d - 1)
+            text = " ".join([f"{x}+{y}={x + y}", *student_steps(x, y)])
+        else:
+            facts = []
+            while sum(len(f) + 1 for f in facts) < max_len:
+                a, b, c = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 1)
+                facts.append(f"{a}+{b}+{c}={a + b + c:02d}")
+            text = " ".join(facts)
+        out.append(text[:max_len].rstrip())
+    return out
+
+
 def random_pretraining_strings(n: int, rng: random.Random, max_len: int) -> list[str]:
     """`n` strings over the task alphabet (digits, `+=;:AQSW`, lowercase letters) that are NOT in the
     task format, to pretrain a base model that knows the vocabulary but not the task. Half are i.i.d.
@@ -216,15 +309,27 @@ def random_pretraining_strings(n: int, rng: random.Random, max_len: int) -> list
 
 # ---- the task -----------------------------------------------------------------------------------------
 class ArithTask(Task):
-    """Options: digits (1..8, default 3), rule (None or "concise"), teacher_revise_prob (probability that
-    a row's `solution_teacher` is a revision trace; default 0)."""
+    """Options: digits (1..8, default 3), rule (None, "concise", "lsd", "profile" or "restate"), reference ("student"
+    or "any": how a row's reference `solution` is chosen), teacher_revise_prob (probability that a row's
+    `solution_teacher` is a revision trace; default 0)."""
 
     name: ClassVar[str] = "arith"
-    system_prompts: ClassVar[dict[str, str]] = {"concise": "S:concise"}
+    system_prompts: ClassVar[dict[str, str]] = {
+        "concise": "S:concise",
+        "lsd": "P:lsd",
+        "msd": "P:msd",
+        "restate": "P:restate",
+    }
     hedging_tokens: ClassVar[list[str]] = [REVISION_TOKEN]
     extra_user_separator: ClassVar[str] = ";"
 
-    def __init__(self, digits: int = 3, rule: str | None = None, teacher_revise_prob: float = 0.0) -> None:
+    def __init__(
+        self,
+        digits: int = 3,
+        rule: str | None = None,
+        teacher_revise_prob: float = 0.0,
+        reference: str = "student",
+    ) -> None:
         super().__init__()
         if isinstance(digits, bool) or not isinstance(digits, int) or not MIN_DIGITS <= digits <= MAX_DIGITS:
             raise ValueError(
@@ -234,24 +339,56 @@ class ArithTask(Task):
             raise ValueError(f"arith: rule must be one of {list(RULES)}, got {rule!r}")
         if not 0.0 <= float(teacher_revise_prob) <= 1.0:
             raise ValueError(f"arith: teacher_revise_prob must be in [0, 1], got {teacher_revise_prob!r}")
+        if reference not in REFERENCES:
+            raise ValueError(f"arith: reference must be one of {list(REFERENCES)}, got {reference!r}")
         self.digits = digits
         self.rule = rule
+        self.reference = reference
         self.teacher_revise_prob = float(teacher_revise_prob)
-        self.rules = {"concise": follows_concise}
+        self.rules = {
+            "concise": follows_concise,
+            "lsd": follows_lsd,
+            "msd": follows_msd,
+            "restate": follows_restate,
+        }
 
-    def make_row(self, a: int, b: int, rng: random.Random | None = None) -> Row:
+    def make_row(
+        self,
+        a: int,
+        b: int,
+        rng: random.Random | None = None,
+        preference: str | None = None,
+        reference_style: int = 0,
+    ) -> Row:
+        """One row; `preference` (msd | lsd) is the row's presentation (default: the rule's, msd without
+        one); `reference_style` picks `solution` among (student, operand-swapped, concise) when the task's
+        reference is "any"."""
+        if preference is None:
+            preference = "lsd" if self.rule == "lsd" else "msd"
         problem = format_problem(a, b)
-        student = format_student_solution(a, b)
-        concise = format_concise_solution(a, b)
+        answer = present(a + b, preference)
+        student = _join(student_steps(a, b), answer)
+        concise = _join(concise_steps(a, b), answer)
         teacher = teacher_style_solution(
             {"problem": problem}, rng or random.Random(0), self.teacher_revise_prob
         )
-        answer = str(a + b)
+        teacher = teacher[: teacher.rfind("A:") + 2] + answer
+        if self.rule == "concise":
+            reference = concise
+        elif self.reference == "any":
+            reference = (student, _join(teacher_steps(a, b), answer), concise)[reference_style]
+        else:
+            reference = student
+        system_prompt = self.rule or ""
+        if self.rule in ("lsd", "profile"):
+            system_prompt = preference
+        if self.rule == "restate":
+            reference = restatement({"problem": problem}) + reference
         return {
             "problem": problem,
             "answer": answer,
-            "solution": concise if self.rule == "concise" else student,
-            "system_prompt": self.rule or "",
+            "solution": reference,
+            "system_prompt": system_prompt,
             "task": self.name,
             "digits": len(str(a)),
             "a": a,
@@ -266,13 +403,18 @@ class ArithTask(Task):
         """`n` rows, operands uniform over `digits`-digit integers (leading digit nonzero); deterministic in
         `seed`. Duplicates are possible (only 81 pairs exist for 1 digit)."""
         rng = random.Random(seed)
-        # revision draws come from their own stream so that teacher_revise_prob never changes the operands
+        # revision, profile and reference-style draws come from their own streams, so that no option
+        # changes the operands (every variant of the task poses the same problems)
         teacher_rng = random.Random(f"arith-teacher-{seed}")
+        profile_rng = random.Random(f"arith-profile-{seed}")
+        style_rng = random.Random(f"arith-reference-{seed}")
         lo, hi = 10 ** (self.digits - 1), 10**self.digits - 1
         rows = []
         for _ in range(n):
             a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-            rows.append(self.make_row(a, b, teacher_rng))
+            preference = profile_rng.choice(PREFERENCES) if self.rule == "profile" else None
+            style = style_rng.randrange(3) if self.reference == "any" else 0
+            rows.append(self.make_row(a, b, teacher_rng, preference=preference, reference_style=style))
         return rows
 
     def privileged_info(self, row: Row, kind: str) -> str:
@@ -284,17 +426,25 @@ class ArithTask(Task):
 
     def alternative_pis(self, row: Row, field: str) -> list[str]:
         """For `solution`: the other well-formed scratchpads of the problem (student, concise and
-        operand-swapped teacher style) that differ from the row's reference; nothing else has one."""
+        operand-swapped teacher style) that differ from the row's reference; for a per-row preference
+        profile (`system_prompt` under rule "profile"): the other preferences. Nothing else has one."""
+        if field == "system_prompt" and self.rule == "profile":  # the other users' preferences
+            return [p for p in PREFERENCES if p != row.get("system_prompt")]
         parsed = parse_problem(row.get("problem", ""))
         if field != "solution" or parsed is None:
             return []
         a, b = parsed
-        styles = [format_student_solution(a, b), format_concise_solution(a, b), format_teacher_solution(a, b)]
+        answer = str(row.get("answer", a + b))
+        styles = [_join(f(a, b), answer) for f in (student_steps, concise_steps, teacher_steps)]
         return [s for s in styles if s != row.get("solution")]
 
     def check(self, row: Row, response: str) -> tuple[bool, bool, str | None]:
         answer = extract_answer(response)
         correct = answer is not None and answer == str(row.get("answer", ""))
         parsed = parse_problem(row.get("problem", ""))
-        wf = parsed is not None and well_formed(parsed[0], parsed[1], response)
+        preference = "lsd" if row.get("system_prompt") == "lsd" else "msd"
+        body = response
+        if row.get("system_prompt") == "restate" and follows_restate(row, response):
+            body = response[len(restatement(row)) :]
+        wf = parsed is not None and well_formed(parsed[0], parsed[1], body, preference)
         return correct, wf, answer

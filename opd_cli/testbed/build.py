@@ -7,8 +7,9 @@ failure modes happen on a CPU in minutes.
 
 What gets built (3-digit addition with a scratchpad, `opd_cli.tasks.arith`; char-level tokenizer):
 
-  student_base   2 layers x 64, pretrained by `sft_train` on generic strings of the task alphabet only:
-                 it knows the characters, not the task, so its task rollouts are malformed.
+  student_base   2 layers x 64, pretrained by `sft_train` on raw text: generic strings of the task alphabet
+                 and task-domain text (sums `347+285=632`, column facts `7+5+1=13`), never the response
+                 format: it has latent skill (the paper's Base model) but its task rollouts are malformed.
   student_sft    2 x 64, SFT on verified student-style traces, stopped early (first dev evaluation at or
                  above `stop_at`) so it is well formed but only ~70% accurate: room for distillation.
                  Trained from scratch, not from student_base: on this task the generic-string pretraining
@@ -21,11 +22,16 @@ What gets built (3-digit addition with a scratchpad, `opd_cli.tasks.arith`; char
   teacher_rlvr   student_sft trained by `grpo_train` (GRPO, verifier reward) to >= 95%: close to the student.
   opsd_base      2 x 64, SFT on a mixture in which some prompts carry privileged information in the OPSD
                  teacher formats of conf/teacher/self_*.yaml: a hint line (`{problem}\\nH:{answer}`; with a
-                 hint it answers directly `A:<answer>` half of the time), a reference solution
-                 (`{problem}\\nR:{solution}`) or the system line `S:concise` (concise scratchpad, also
-                 continued from full-style prefixes). Without PI it writes the full scratchpad. It trains
-                 until the concise scratchpad is >= 90% accurate under `S:concise`, so the full one is
-                 ~90% too (stronger than student_sft: at this size concise is learned much later).
+                 hint it answers directly `A:<answer>` half of the time), a reference solution in any
+                 valid style (`{problem}\\nR:{solution}`, written out as given), the system line
+                 `S:concise` (concise scratchpad, also continued from full-style prefixes given as a
+                 prefill) or a stated preference `P:msd|lsd|restate` (how the work and result are
+                 presented). Without PI it writes the full scratchpad. It trains until the concise
+                 scratchpad under `S:concise` and the lsd and restate presentations under `P:` are each
+                 >= 90% accurate on the dev set (stronger than student_sft: at this size those are learned
+                 much later than the plain scratchpad).
+  opsd_rlvr      opsd_base trained by `grpo_train` on plain prompts: the RLVR-adapted PI teacher
+                 (conf/teacher/rlvr_answer.yaml), stronger without PI and still reading the hint line.
 
 Determinism: every step seeds itself from (seed, step name), runs single-threaded (results do not depend
 on the machine's core count) and trains on data generated from the seed, so the same seed gives the same
@@ -272,8 +278,15 @@ def ensure_testbed(directory: str | os.PathLike | None = None) -> Path:
 
 def ensure_for_config(cfg, *specs: str) -> None:
     """Build the testbed on first use: when the config's models (`model.path`, `teacher.path`,
-    `stabilization.trace_model`) or `specs` name a `testbed:` model and the testbed is incomplete."""
-    named = [cfg.model.path, cfg.teacher.path, cfg.stabilization.get("trace_model"), *specs]
+    `teacher.pi_checkpoint`, `stabilization.trace_model`) or `specs` name a `testbed:` model and the
+    testbed is incomplete."""
+    named = [
+        cfg.model.path,
+        cfg.teacher.path,
+        cfg.teacher.get("pi_checkpoint"),
+        cfg.stabilization.get("trace_model"),
+        *specs,
+    ]
     if any(str(s).startswith(PREFIX) for s in named if s):
         ensure_testbed(cfg.get("testbed_dir"))
 

@@ -21,8 +21,12 @@ from opd_cli.stages.sft import SFTOptions, sft_train
 from opd_cli.tasks import make_task
 from opd_cli.tasks.arith import (
     concise_steps,
+    domain_pretraining_strings,
+    present,
     random_pretraining_strings,
+    restatement,
     student_steps,
+    teacher_steps,
     teacher_style_solution,
 )
 from opd_cli.testbed.models import tiny_qwen2_config
@@ -175,11 +179,15 @@ def build_student_base(ctx: dict) -> dict:
     model = new_model(recipe, "student", len(tok), stage_seed(ctx["seed"], "student_base/init"))
     rng = random.Random(stage_seed(ctx["seed"], "student_base/data"))
     strings = random_pretraining_strings(2 * cfg["strings"], rng, cfg["max_len"])
+    # raw task-domain text (sums and column facts, never the response format): the base model's latent
+    # skill, like a Base LM that has read arithmetic but not this chat format
+    domain = domain_pretraining_strings(cfg["strings"], rng, cfg["domain_max_len"])
     examples = []
     for i in range(cfg["strings"]):
         user = strings[cfg["strings"] + i]
         messages = [{"role": "user", "content": user}] if rng.random() < cfg["with_user_turn"] else []
-        examples.append((messages, strings[i]))
+        text = domain[i] if rng.random() < cfg["domain"] else strings[i]
+        examples.append((messages, text))
     report = ctx["report"]
     metrics = sft_train(
         model,
@@ -250,10 +258,13 @@ def build_teacher_large(ctx: dict):
     return model, info
 
 
-def build_teacher_rlvr(ctx: dict):
-    recipe, cfg, tok, seed = ctx["recipe"], ctx["recipe"]["teacher_rlvr"], ctx["tokenizer"], ctx["seed"]
+def build_teacher_rlvr(ctx: dict, name: str = "teacher_rlvr", parent: str = "student_sft"):
+    """GRPO (verifier reward, plain prompts) from `parent`: teacher_rlvr from student_sft (the OPD cells'
+    close teacher), opsd_rlvr from opsd_base (an RLVR-adapted PI teacher: it keeps opsd_base's reading of
+    the hint, solution and preference lines and is stronger without them)."""
+    recipe, cfg, tok, seed = ctx["recipe"], ctx["recipe"][name], ctx["tokenizer"], ctx["seed"]
     task, rows = ctx["task"], ctx["rows"]["arith"]
-    model = load(ctx["out_dir"] / "student_sft")
+    model = load(ctx["out_dir"] / parent)
     engine = HFEngine(None, model=model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     history = []
 
@@ -276,7 +287,7 @@ def build_teacher_rlvr(ctx: dict):
             clip_eps=cfg["clip_eps"],
             temperature=cfg["temperature"],
             max_new_tokens=cfg["max_new_tokens"],
-            seed=stage_seed(seed, "teacher_rlvr/grpo"),
+            seed=stage_seed(seed, f"{name}/grpo"),
         ),
         engine=engine,
         progress=False,
@@ -292,7 +303,8 @@ def build_teacher_rlvr(ctx: dict):
 
 
 def opsd_messages(task, row: dict, kind: str) -> list[dict]:
-    """The prompt an OPSD teacher sees for PI `kind` (plain | hint | solution | system)."""
+    """The prompt an OPSD teacher sees for PI `kind` (plain | hint | solution | system | preference; the
+    preference prompt shows the row's `system_prompt`, P:lsd or P:msd, as the system line)."""
     if kind == "plain":
         return task.messages(row, system_prompt=False)
     if kind == "hint":
@@ -301,12 +313,16 @@ def opsd_messages(task, row: dict, kind: str) -> list[dict]:
         return [{"role": "user", "content": SOLUTION_TEMPLATE.format(**row)}]
     if kind == "system":
         return task.messages({**row, "system_prompt": "concise"}, system_prompt=True)
+    if kind == "preference":
+        return task.messages(row, system_prompt=True)
     raise ValueError(f"unknown PI kind {kind!r}")
 
 
-def switch_trace(row: dict, rng: random.Random, later: float) -> str:
-    """k full scratchpad steps, then the remaining steps concise: `7+5+0=12;13;06;A:632` (k=1). k=1, else
-    one more with probability `later` each time (k < digits).
+def switch_trace(row: dict, rng: random.Random, later: float) -> tuple[str, str]:
+    """(prefill, continuation): k full scratchpad steps, then the remaining steps concise:
+    `7` + `+5+0=12;13;06;A:632` (k=1). k=1, else one more with probability `later` each time (k < digits).
+    The first character is a prefill (no loss): the teacher learns to continue a full-style start (the
+    student's) and never to make one.
 
     Why: the OPSD teacher scores the *student's* full-style prefixes. A real instruction-following model
     told to be concise continues a verbose prefix sensibly (and concisely); a model that saw only pure
@@ -318,7 +334,8 @@ def switch_trace(row: dict, rng: random.Random, later: float) -> str:
     k = 1
     while k < len(full) - 1 and rng.random() < later:
         k += 1
-    return "".join(f"{s};" for s in full[:k] + short[k:]) + f"A:{row['answer']}"
+    trace = "".join(f"{s};" for s in full[:k] + short[k:]) + f"A:{row['answer']}"
+    return trace[:1], trace[1:]
 
 
 def build_opsd_base(ctx: dict):
@@ -330,23 +347,59 @@ def build_opsd_base(ctx: dict):
     examples, counts = [], dict.fromkeys(kinds, 0)
     for r in rows["train"]:
         kind = rng.choices(kinds, weights)[0]
+        prefill = ""
         if kind == "system" and rng.random() < cfg["system_switch"]:
-            response = switch_trace(r, rng, cfg["switch_later"])
+            prefill, response = switch_trace(r, rng, cfg["switch_later"])
+            if not cfg["switch_prefill"]:
+                prefill, response = "", prefill + response
         elif kind == "system":
             response = r["solution_concise"]
         elif kind == "hint" and rng.random() < cfg["hint_direct"]:
             response = f"A:{r['answer']}"
+        elif kind == "solution":
+            # a reference written in any valid style; the teacher writes out the one it was given
+            a, b = r["a"], r["b"]
+            steps = rng.choice((student_steps, teacher_steps, concise_steps))(a, b)
+            response = "".join(f"{s};" for s in steps) + f"A:{r['answer']}"
+            r = {**r, "solution": response}
+        elif kind == "preference":
+            # a stated presentation preference (P:msd / P:lsd / P:restate) the response follows
+            pref = rng.choice(cfg["preferences"])
+            steps = "".join(f"{s};" for s in student_steps(r["a"], r["b"]))
+            if pref == "restate" and rng.random() < cfg["restate_switch"]:
+                prefill, response = steps[:1], steps[1:] + f"A:{r['answer']}"
+            elif pref == "restate":
+                response = restatement(r) + steps + f"A:{r['answer']}"
+            else:
+                response = steps + "A:" + present(r["a"] + r["b"], pref)
+            r = {**r, "system_prompt": pref}
         else:
             response = r["solution_student"]
         counts[kind] += 1
-        examples.append((opsd_messages(task, r, kind), response))
+        examples.append((opsd_messages(task, r, kind), response, prefill))
     concise_task, concise_dev = recipe_tasks(recipe)[1], ctx["rows"]["arith_concise"]["dev"]
+    lsd_task = make_task("arith", digits=task.digits, rule="lsd")
+    lsd_dev = lsd_task.generate(len(rows["dev"]), stage_seed(seed, "data/dev"))
+    restate_task = make_task("arith", digits=task.digits, rule="restate")
+    restate_dev = restate_task.generate(len(rows["dev"]), stage_seed(seed, "data/dev"))
 
     def system_ok():
+        """Every stated rule is followed: S:concise (accuracy of the concise scratchpad), P:lsd (of the
+        lsd-presented result) and P:restate (of the restated response); the figure reported is the
+        smallest."""
         acc = _dev_accuracy(
             model, tok, concise_task, concise_dev, recipe, lambda r: opsd_messages(task, r, "system")
         )
-        return acc >= cfg["stop_at_system"], acc
+        if acc < cfg["stop_at_system"]:
+            return False, acc
+        prefs = [acc]
+        for t, dev in ((lsd_task, lsd_dev), (restate_task, restate_dev)):
+            prefs.append(
+                _dev_accuracy(model, tok, t, dev, recipe, lambda r: opsd_messages(task, r, "preference"))
+            )
+            if prefs[-1] < cfg["stop_at_preference"]:
+                break
+        return min(prefs) >= cfg["stop_at_preference"], min(prefs)
 
     info = _sft_until(
         model,
@@ -371,6 +424,7 @@ BUILDERS = {
     "teacher_large": build_teacher_large,
     "teacher_rlvr": build_teacher_rlvr,
     "opsd_base": build_opsd_base,
+    "opsd_rlvr": lambda ctx: build_teacher_rlvr(ctx, "opsd_rlvr", "opsd_base"),
 }
 
 

@@ -14,6 +14,7 @@ from opd_cli.rollout.base import SamplingConfig
 from opd_cli.rollout.hf_engine import HFEngine
 from opd_cli.stages.evaluate import greedy_accuracy, greedy_responses
 from opd_cli.stages.sft import prompt_ids
+from opd_cli.tasks import make_task
 from opd_cli.testbed.builders import (
     char_tokenizer,
     deterministic,
@@ -164,7 +165,7 @@ def evaluate_model(name: str, out_dir: str, seed: int, recipe: dict) -> dict:
             figures["prefix_continuation"] = _prefix_continuation(
                 model, student, tok, task, plain_rows, recipe
             )
-        if name == "opsd_base":
+        if name in ("opsd_base", "opsd_rlvr"):
             pi = {}
             for kind in ("hint", "solution"):
                 r = greedy_accuracy(
@@ -189,6 +190,20 @@ def evaluate_model(name: str, out_dir: str, seed: int, recipe: dict) -> dict:
                 "concise": figures["concise_with_system"],
                 "accuracy": with_sys["accuracy"],
                 "mean_length": with_sys["mean_length"],
+            }
+            # the stated preference P:lsd: accuracy on rows whose answer is presented lsd-first
+            lsd_task = make_task("arith", digits=task.digits, rule="lsd")
+            lsd_rows = lsd_task.generate(len(plain_rows), stage_seed(seed, "data/eval"))
+            r = greedy_accuracy(model, tok, lsd_task, lsd_rows, max_new_tokens=mnt, system_prompt=True)
+            pi["preference_lsd"] = {"accuracy": r["accuracy"], "follows": r["follows_rule"].get("lsd", 0.0)}
+            restate_task = make_task("arith", digits=task.digits, rule="restate")
+            restate_rows = restate_task.generate(len(plain_rows), stage_seed(seed, "data/eval"))
+            r = greedy_accuracy(
+                model, tok, restate_task, restate_rows, max_new_tokens=mnt, system_prompt=True
+            )
+            pi["preference_restate"] = {
+                "accuracy": r["accuracy"],
+                "follows": r["follows_rule"].get("restate", 0.0),
             }
             figures["with_pi"] = pi
         return rounded(figures)

@@ -19,7 +19,7 @@ from opd_cli.errors import OpdError
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 MANIFEST = "manifest.json"
-MODEL_NAMES = ("student_base", "student_sft", "teacher_large", "teacher_rlvr", "opsd_base")
+MODEL_NAMES = ("student_base", "student_sft", "teacher_large", "teacher_rlvr", "opsd_base", "opsd_rlvr")
 PREFIX = "testbed:"
 
 

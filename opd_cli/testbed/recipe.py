@@ -24,10 +24,12 @@ RECIPE: dict = {
     # half the strings are a bare response, half answer a user turn holding another generic string, so the
     # base model knows the chat format (it answers a task prompt with text) but not the task
     "student_base": {
-        "strings": 8192,
+        "strings": 32768,
         "max_len": 24,
+        "domain": 0.75,
+        "domain_max_len": 48,
         "with_user_turn": 0.5,
-        "steps": 150,
+        "steps": 1200,
         "batch_size": 64,
         "lr": 2e-3,
         "warmup_ratio": 0.05,
@@ -72,11 +74,19 @@ RECIPE: dict = {
     # the full scratchpad is near saturation: opsd_base is strong (~95%) without PI. A `system_switch` fraction of the S:concise traces start with full
     # steps and switch to concise ones (see build_opsd_base).
     "opsd_base": {
-        "mix": {"plain": 0.25, "hint": 0.15, "solution": 0.05, "system": 0.55},
+        "mix": {"plain": 0.1, "hint": 0.12, "solution": 0.08, "system": 0.4, "preference": 0.3},
         "hint_direct": 0.5,
         "system_switch": 0.3,
+        # the first character of a switch trace is a prefill (no loss): the teacher learns to continue a
+        # full-style start, never to make one
+        "switch_prefill": True,
+        # the stated preferences of the "preference" share (system line P:<name>), drawn uniformly
+        "preferences": ["msd", "lsd", "restate"],
+        # this fraction of P:restate traces starts without the restatement (its first character a
+        # prefill): the teacher continues a student that did not restate, as a real model would
+        "restate_switch": 0.3,
         "switch_later": 0.35,
-        "steps": 2400,
+        "steps": 4000,
         "batch_size": 32,
         "lr": 2e-3,
         "warmup_ratio": 0.02,
@@ -85,6 +95,19 @@ RECIPE: dict = {
         "eval_below_loss": 0.2,
         "stop_at": 0.65,
         "stop_at_system": 0.9,
+        "stop_at_preference": 0.9,
+    },
+    # the RLVR-adapted PI teacher: opsd_base after GRPO on plain prompts (teacher_rlvr's settings)
+    "opsd_rlvr": {
+        "steps": 200,
+        "prompts_per_step": 16,
+        "samples_per_prompt": 8,
+        "lr": 1e-4,
+        "clip_eps": 0.2,
+        "temperature": 1.0,
+        "max_new_tokens": 48,
+        "eval_every": 5,
+        "stop_at": 0.97,
     },
     "eval": {
         "max_new_tokens": 96,
@@ -96,9 +119,9 @@ RECIPE: dict = {
     },
 }
 # what each step loads from other steps (the build runs a step once these are built)
-PARENTS = {"teacher_rlvr": ("student_sft",)}
+PARENTS = {"teacher_rlvr": ("student_sft",), "opsd_rlvr": ("opsd_base",)}
 # the order in which ready steps start (longest first, so two workers finish together)
-PRIORITY = ("opsd_base", "teacher_large", "student_sft", "student_base", "teacher_rlvr")
+PRIORITY = ("opsd_base", "teacher_large", "student_sft", "student_base", "teacher_rlvr", "opsd_rlvr")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
