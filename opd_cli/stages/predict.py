@@ -34,7 +34,8 @@ first rule that fires decides; its measurement's distance from the threshold set
  6. PI signal privileged information only: KL from the PI teacher to the PI-free prompt < PI_SIGNAL_MIN
              -> stable: the PI hardly changes the teacher, there is nothing to internalize.
  7. pilot    with --pilot-steps: a warning sign of the collapse detector (opd_cli/diagnostics.py), its
-             least-squares slope over the pilot's steps extrapolated to trainer.steps, crosses the
+             least-squares slope over the last half of the pilot's steps (stages/pilot.py) extrapolated
+             linearly from the last value to trainer.steps, crosses the
              detector's threshold (student mass in the TopK support < mass_threshold, truncation >
              truncation_threshold, 3-gram repeats > repeat_threshold) with the slope at least
              PILOT_SLOPE_SE standard errors from 0 -> collapses (the mechanism the sign belongs to).
@@ -291,32 +292,54 @@ def slope(values: list[float]) -> tuple[float, float]:
     return b, se
 
 
-def rule_pilot(rec: dict, margins: dict) -> Prediction | None:
+def pilot_trends(rec: dict) -> list[dict]:
+    """The detector signs whose late pilot slope points towards the detector's threshold, significantly
+    (PILOT_SLOPE_SE standard errors), each with its value projected to trainer.steps."""
     pilot = rec.get("pilot") or {}
-    signs = pilot.get("signs") or {}
-    steps, thresholds = pilot.get("run_steps"), pilot.get("thresholds") or {}
-    hits = []
+    signs, steps, thresholds = pilot.get("signs") or {}, pilot.get("run_steps"), pilot.get("thresholds") or {}
+    out = []
     for name, (_, key, danger, mechanism) in PILOT_SIGNS.items():
         s = signs.get(name)
         if not s or key not in thresholds or not steps:
             continue
-        b, se, last = s["slope"], s["slope_se"], s["last"]
-        projected = last + b * (steps - pilot["steps"])
-        crosses = (projected - thresholds[key]) * danger > 0
-        significant = b * danger > 0 and abs(b) >= PILOT_SLOPE_SE * se
-        if crosses and significant:
-            hits.append((name, mechanism, projected, thresholds[key], b))
-    if not hits:
+        b, se = s["recent_slope"], s["recent_slope_se"]
+        if b * danger > 0 and abs(b) >= PILOT_SLOPE_SE * se:
+            projected = s["last"] + b * (steps - pilot["steps"])
+            out.append(
+                {
+                    "sign": name,
+                    "mechanism": mechanism,
+                    "slope": b,
+                    "last": s["last"],
+                    "projected": projected,
+                    "threshold": thresholds[key],
+                    "crosses": (projected - thresholds[key]) * danger > 0,
+                }
+            )
+    return out
+
+
+def trend_text(t: dict, rec: dict) -> str:
+    p = rec["pilot"]
+    return (
+        f"{t['sign']} {t['last']:.3g} after {p['steps']} pilot steps, {t['slope']:+.2g}/step late in the pilot: "
+        f"{t['projected']:.2f} at step {p['run_steps']} (detector threshold {t['threshold']})"
+    )
+
+
+def rule_pilot(rec: dict, margins: dict) -> Prediction | None:
+    crossing = [t for t in pilot_trends(rec) if t["crosses"]]
+    if not crossing:
         return None
-    name, mechanism, projected, threshold, b = hits[0]
+    t = crossing[0]
     return Prediction(
         "collapses",
-        f"pilot: {mechanism}",
+        f"pilot: {t['mechanism']}",
         "medium",
-        f"{name} moves {b:+.3g}/step over {pilot['steps']} pilot steps: {projected:.2f} at step {steps} "
-        f"(detector threshold {threshold})",
-        "the recipe's own first steps trend to the collapse detector's threshold; see the mechanism rules' "
-        "fixes (loss=topk_rkl_stopgrad / full_rkl for a draining top-K mass; a closer teacher for length)",
+        trend_text(t, rec),
+        "the recipe's own first steps trend to the collapse detector's threshold: for a draining top-K mass "
+        "a loss without the biased tail term (loss=topk_rkl_stopgrad / full_rkl), for length or repeats a "
+        "teacher closer to the student",
         "pilot",
     )
 
@@ -325,7 +348,17 @@ RULES = (rule_ready, rule_teacher, rule_tail, rule_pi_gap, rule_pi_signal, rule_
 
 
 def predict(rec: dict) -> Prediction:
-    """The prediction for one recipe's record (RecipeResult.to_json(): checks, part_b, facts, pilot)."""
+    """The prediction for one recipe's record (RecipeResult.to_json(): checks, part_b, facts, pilot);
+    with a pilot, its warning trends that cross a threshold are appended to the evidence whichever rule decided."""
+    pred = decide(rec)
+    if pred.rule != "pilot":
+        trends = [trend_text(t, rec) for t in pilot_trends(rec) if t["crosses"]]
+        if trends:
+            pred.evidence += "; pilot: " + "; ".join(trends)
+    return pred
+
+
+def decide(rec: dict) -> Prediction:
     margins: dict[str, str] = {}
     hit = rule_pair(rec, margins)
     if hit is not None:
