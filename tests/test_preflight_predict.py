@@ -266,3 +266,28 @@ def test_bad_against_exits_2_before_anything_runs(tmp_path, content, words):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --against") and words in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_splice_generated_replaces_only_the_blocks(tmp_path):
+    """scripts/splice_generated.py (make preflight-calibration): generated tables go into the doc."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "gen.md").write_text("| new | table |\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text("prose\n<!-- generated from gen.md -->\nold\n<!-- end generated -->\nmore prose\n")
+    script = str(REPO / "scripts" / "splice_generated.py")
+    assert subprocess.run([sys.executable, script, str(doc)], cwd=REPO).returncode == 0
+    assert (
+        doc.read_text()
+        == "prose\n<!-- generated from gen.md -->\n| new | table |\n<!-- end generated -->\nmore prose\n"
+    )
+    (tmp_path / "gen.md").unlink()
+    proc = subprocess.run([sys.executable, script, str(doc)], cwd=REPO, capture_output=True, text=True)
+    assert (
+        proc.returncode == 2
+        and "gen.md does not exist" in proc.stderr
+        and "| new | table |" in doc.read_text()
+    )

@@ -489,6 +489,7 @@ def calibrate(records: list[dict], report: dict, report_path, command_s: float |
                     "hit": pred["verdict"] == actual,
                     "mechanism": pred["mechanism"],
                     "confidence": pred["confidence"],
+                    "measured": measured(r) if r.get("part_b") else "-",
                 }
             )
             confusion.setdefault(actual, {}).setdefault(pred["verdict"], 0)
@@ -539,13 +540,14 @@ def calibration_markdown(cal: dict, command: str) -> str:
             f"\nHit rate {100 * s['hit_rate']:.0f}%. Compute: {used:.1f} s ({what}; pilot {s['pilot_s']:.1f} s "
             f"of it) against {matrix} for one matrix seed ({s['matrix_seed_source']}): **{frac}**.\n"
         )
-        lines.append("| cell | predicted | matrix | | mechanism | confidence |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| cell | predicted | matrix | | mechanism | confidence | what the rules read |")
+        lines.append("|---|---|---|---|---|---|---|")
         for row in s["rows"]:
             actual = row["actual"] + ("" if row["actual_from"] == "seed" else " (cell majority)")
             mark = "✓" if row["hit"] else "✗"
             lines.append(
-                f"| {row['cell']} | {row['predicted']} | {actual} | {mark} | {row['mechanism']} | {row['confidence']} |"
+                f"| {row['cell']} | {row['predicted']} | {actual} | {mark} | {row['mechanism']} | {row['confidence']} "
+                f"| {row['measured']} |"
             )
         lines.append("")
     if cal["unmatched"]:
