@@ -10,7 +10,7 @@
     opd probe-pi experiment=opsd_answer_pi                   # the PI-dependence probe (mechanism 3)
     opd report multirun/2026-11-29/10-00-00-000000           # the matrix table, verdicts and plots
     opd plan experiment=qwen3_opd_8b_topk                    # the memory plan per device
-    opd preflight experiment=matrix                          # pair checks + mechanisms, one row per cell
+    opd preflight experiment=matrix                          # pair checks, mechanisms, prediction per cell
     opd teacher serve                                        # vLLM's server for the recipe's teacher
     opd gpu-check --out experiments/gpu_check                # the CUDA acceptance run (tiny on a CPU)
 
@@ -391,7 +391,7 @@ def preflight_cmd(
       opd preflight teacher=self_answer              # an OPSD recipe (its PI fields are checked)
       opd preflight experiment=matrix                # one row per cell of the grid
       opd preflight experiment=qwen3_opd_8b_topk --rollouts 0   # part A only
-      opd preflight experiment=opd_naive_topk_k5 --pilot-steps 20
+      opd preflight experiment=opd_naive_topk_k5 --pilot-steps 30
       opd preflight experiment=matrix seed=0 --against experiments/matrix/report.json   # calibration
     """
     from opd_cli.stages import preflight

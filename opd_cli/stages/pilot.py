@@ -1,8 +1,8 @@
 """`opd preflight --pilot-steps N` (part C): the first N steps of the recipe's own OPD loop, read for the
 trends of the warning signs the collapse detector uses.
 
-    opd preflight experiment=opd_naive_topk_k5 --pilot-steps 20
-    opd preflight experiment=matrix --pilot-steps 20          # every cell, each in its own temp dir
+    opd preflight experiment=opd_naive_topk_k5 --pilot-steps 30
+    opd preflight experiment=matrix --pilot-steps 30          # every cell, each in its own temp dir
 
 The steps are `stages.opd.OPDRun.train_step`, unchanged: the recipe's rollouts, teacher, loss, optimizer
 and learning-rate schedule (over trainer.steps, so step i is the run's step i). They run in a temporary

@@ -4,7 +4,7 @@ few ordered rules, with the mechanism blamed, a confidence and the fix to try.
 
     opd preflight experiment=matrix                            # one ranked row per cell, with its prediction
     opd preflight experiment=matrix seed=0 --against experiments/matrix/report.json   # calibration
-    opd preflight experiment=opd_naive_topk_k5 --pilot-steps 20                       # with the pilot
+    opd preflight experiment=opd_naive_topk_k5 --pilot-steps 30                       # with the pilot
 
 The rules read measurements only, never a recipe's name: the same numbers give the same prediction for
 any recipe (a loss enters through what mechanism 2 measures of its gradient, not through its name). The
@@ -193,7 +193,7 @@ def rule_teacher(rec: dict, margins: dict) -> Prediction | None:
         "1: teacher mismatch",
         strongest([levels[k] for k, _ in fired]),
         "; ".join(text for _, text in fired)
-        + f"; KL_S > 0 at {_pct(m2['kl_s_positive_share'])} of positions (a stop-gradient TopK leaks there)",
+        + f"; KL_S > 0 at {_pct(m2['kl_s_positive_share'])} of positions (where a stop-gradient TopK still pulls)",
         "the teacher's distribution is far from the student's and no loss removes that: use a teacher "
         "closer to the student (an RLVR-adapted student-size teacher, teacher=rlvr on the testbed), or SFT "
         "the student on this teacher's traces first",

@@ -1,10 +1,13 @@
-"""`opd preflight`: before the GPU week, check that student and teacher form a compatible pair (part A)
-and measure the paper's mechanisms on a bounded number of the student's own rollouts (part B).
+"""`opd preflight`: before the GPU week, check that student and teacher form a compatible pair (part A),
+measure the paper's mechanisms on a bounded number of the student's own rollouts (part B), optionally run
+the recipe's first steps (part C, stages/pilot.py) and predict the outcome (part D, stages/predict.py).
 
     opd preflight                                   # the default recipe on the testbed
     opd preflight teacher=self_answer               # an OPSD recipe (its PI fields are checked)
-    opd preflight experiment=matrix                 # one row per cell of the grid
+    opd preflight experiment=matrix                 # one row per cell of the grid, ranked by its prediction
     opd preflight experiment=qwen3_opd_8b_topk --rollouts 0   # part A only
+    opd preflight experiment=opd_naive_topk_k5 --pilot-steps 30   # + the recipe's first 30 training steps
+    opd preflight experiment=matrix seed=0 --against experiments/matrix/report.json   # calibration
     opd run preflight=true                          # part A before training: a fail refuses to start
 
 Part A, pair compatibility (each check passes or fails with its fix in one line; any fail ends the
