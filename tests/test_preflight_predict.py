@@ -165,6 +165,7 @@ def test_pilot_trend_collapses_only_when_it_crosses_significantly():
     draining = [0.998] * 10 + [0.998 - 0.01 * i for i in range(10)]  # late slope -0.01/step x 100 steps
     p = P.predict({**healthy(), "pilot": pilot(draining)})
     assert (p.verdict, p.rule) == ("collapses", "pilot") and "student top-K mass" in p.evidence
+    assert P.pilot_trends({"pilot": pilot(draining)})[0]["projected"] == 0.0  # a share stops at 0
     # the same slope does not reach 0.5 in a 40-step run: no collapse
     assert P.predict({**healthy(), "pilot": pilot(draining, steps=40)}).verdict == "improves"
     noisy = [0.998, 0.6] * 10  # a "slope" within its noise
@@ -242,6 +243,8 @@ def test_calibration_and_pilot_end_to_end(tmp_path):
     assert cal["hits"] == hits and cal["cells"] == 2 and cal["matrix_seed_s"] == 2001.0
     assert cal["pilot_s"] == pytest.approx(sum(r["pilot"]["wall_s"] for r in recipes.values()))
     assert 0 < cal["fraction"] == pytest.approx(cal["command_s"] / 2001.0)
+    alone = cal["pilot_alone"]  # the pilot rule on its own, over the collapsed cell and the other one
+    assert (alone["collapses"][1], alone["others"][1]) == (1, 1)
     assert (
         "prediction (ranked):" in proc.stdout
         and f"calibration seed 0: {hits} of 2 cells right" in proc.stdout

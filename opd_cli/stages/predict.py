@@ -304,7 +304,8 @@ def pilot_trends(rec: dict) -> list[dict]:
             continue
         b, se = s["recent_slope"], s["recent_slope_se"]
         if b * danger > 0 and abs(b) >= PILOT_SLOPE_SE * se:
-            projected = s["last"] + b * (steps - pilot["steps"])
+            # every detector sign is a share: the straight line stops at 0 and 1
+            projected = min(max(s["last"] + b * (steps - pilot["steps"]), 0.0), 1.0)
             out.append(
                 {
                     "sign": name,
@@ -499,6 +500,12 @@ def calibrate(records: list[dict], report: dict, report_path, command_s: float |
         )
         pilot = sum((r.get("pilot") or {}).get("wall_s", 0.0) for r in records if r["seed"] == seed)
         matrix_s, source = matrix_seed_seconds(report, report_path, seed)
+        # the pilot rule on its own, whichever rule decided: how often it fires on collapsed / other cells
+        piloted = [r for r in matched if r["seed"] == seed and (r.get("pilot") or {}).get("signs")]
+        actual_of = {row["cell"]: row["actual"] for row in rows}
+        fires = {r["recipe"]: any(t["crosses"] for t in pilot_trends(r)) for r in piloted}
+        collapsed = [c for c in fires if actual_of[c] == "collapses"]
+        others = [c for c in fires if actual_of[c] != "collapses"]
         hits = sum(row["hit"] for row in rows)
         out["seeds"][str(seed)] = {
             "fitted": seed == FIT_SEED,
@@ -514,6 +521,12 @@ def calibrate(records: list[dict], report: dict, report_path, command_s: float |
             "matrix_seed_source": source,
             "fraction": (command_s / n_seeds if command_s is not None else spent) / matrix_s
             if matrix_s
+            else None,
+            "pilot_alone": {
+                "collapses": [sum(fires[c] for c in collapsed), len(collapsed)],
+                "others": [sum(fires[c] for c in others), len(others)],
+            }
+            if piloted
             else None,
         }
     return out
@@ -540,6 +553,12 @@ def calibration_markdown(cal: dict, command: str) -> str:
             f"\nHit rate {100 * s['hit_rate']:.0f}%. Compute: {used:.1f} s ({what}; pilot {s['pilot_s']:.1f} s "
             f"of it) against {matrix} for one matrix seed ({s['matrix_seed_source']}): **{frac}**.\n"
         )
+        if s.get("pilot_alone"):
+            (fc, nc), (fo, no) = s["pilot_alone"]["collapses"], s["pilot_alone"]["others"]
+            lines.append(
+                f"The pilot rule on its own (rule 7, whichever rule decided) fires on {fc} of the {nc} piloted "
+                f"cells the matrix saw collapse and on {fo} of the {no} others.\n"
+            )
         lines.append("| cell | predicted | matrix | | mechanism | confidence | what the rules read |")
         lines.append("|---|---|---|---|---|---|---|")
         for row in s["rows"]:
