@@ -537,6 +537,7 @@ def position_measures(cfg: DictConfig, logits, s_logp, teacher, tokens, mask, be
     kl_s = (s_logp.exp().gather(-1, top) * (s_logp.gather(-1, top) - t_logp.gather(-1, top))).sum(-1)
     out["kl_s_positive"] = (kl_s > KL_S_EPS).float()
     base = loss_kwargs(cfg.loss)
+    exact = losses.full_reverse_kl_logit_grad(logits, t_logp)
     for name in arms(cfg):
         opts = {key: v for key, v in base.items() if key in losses.loss_options(name)}
         for key in ("k", "support", "tail_bucket"):
@@ -544,9 +545,14 @@ def position_measures(cfg: DictConfig, logits, s_logp, teacher, tokens, mask, be
                 opts[key] = cfg.loss[key]
         if name == "sampled_rkl":
             opts["behavior_logprobs"] = behavior
-        d_top = mass_change(s_logp, losses.logit_grad(name, logits, teacher, tokens, mask, **opts), k)
+        grad = losses.logit_grad(name, logits, teacher, tokens, mask, **opts)
+        d_top = mass_change(s_logp, grad, k)
         out[f"{name}/d_topk_mass"] = d_top  # per unit logit step; the tail mass moves by the opposite
         out[f"{name}/tail_rises"] = (d_top < 0).float()
+        # does one step of this loss follow the exact reverse KL's step, position by position?
+        dot, norms = (grad * exact).sum(-1), grad.norm(dim=-1) * exact.norm(dim=-1)
+        out[f"{name}/cosine_to_exact"] = torch.where(norms > 0, dot / norms.clamp_min(1e-30), 0.0)
+        del grad
     return out
 
 
@@ -570,6 +576,7 @@ def part_b_summary(cfg: DictConfig, means: dict[str, float], vocab: int) -> dict
             name: {
                 "d_topk_mass": means[f"{name}/d_topk_mass"],
                 "tail_rises_share": means[f"{name}/tail_rises"],
+                "cosine_to_exact": means[f"{name}/cosine_to_exact"],
             }
             for name in arms(cfg)
         },
