@@ -28,10 +28,10 @@ def healthy() -> dict:
                 "k": 5,
                 "kl_s_positive_share": 0.66,
                 "arms": {
-                    "topk_rkl": {"tail_rises_share": 0.30, "cosine_to_exact": 0.17},
-                    "topk_rkl_stopgrad": {"tail_rises_share": 0.22, "cosine_to_exact": 0.92},
-                    "topk_rkl_renorm": {"tail_rises_share": 0.25, "cosine_to_exact": 0.92},
-                    "full_rkl": {"tail_rises_share": 0.24, "cosine_to_exact": 1.0},
+                    "topk_rkl": {"tail_rises_share": 0.30, "teacher_tail_sensitivity": 0.0},
+                    "topk_rkl_stopgrad": {"tail_rises_share": 0.22, "teacher_tail_sensitivity": 0.0},
+                    "topk_rkl_renorm": {"tail_rises_share": 0.25, "teacher_tail_sensitivity": 0.0},
+                    "full_rkl": {"tail_rises_share": 0.24, "teacher_tail_sensitivity": 3.6},
                 },
             },
             "mechanism_3": {"status": "n/a (no privileged information)"},
@@ -124,16 +124,17 @@ def test_threshold_boundaries(path, below, above, verdict_below, verdict_above, 
     assert rule in (lo.rule, hi.rule)
 
 
-def test_teacher_rule_is_silent_for_the_exact_loss():
-    """A mismatched teacher with a loss whose step is the exact RKL's: no verdict from rule 3, low
-    confidence (off the grid, full_rkl with teacher_large improved)."""
+def test_teacher_rule_only_for_losses_blind_to_the_teachers_tail():
+    """A mismatched teacher with a loss that reads the teacher's tail: no verdict from rule 3, low
+    confidence (off the grid, full_rkl and sampled_rkl with teacher_large improved)."""
     mismatched = with_(healthy(), "part_b.mechanism_1.topk_overlap", 0.8)
-    exact = with_(mismatched, "part_b.mechanism_2.recipe_loss", "full_rkl")
+    whole = with_(mismatched, "part_b.mechanism_2.recipe_loss", "full_rkl")
     assert P.predict(mismatched).verdict == "collapses"
-    assert (P.predict(exact).verdict, P.predict(exact).confidence) == ("improves", "low")
-    at = with_(mismatched, "part_b.mechanism_2.arms.topk_rkl.cosine_to_exact", P.EXACT_COSINE)
-    below = with_(mismatched, "part_b.mechanism_2.arms.topk_rkl.cosine_to_exact", P.EXACT_COSINE - 1e-9)
-    assert (P.predict(at).verdict, P.predict(below).verdict) == ("improves", "collapses")
+    assert (P.predict(whole).verdict, P.predict(whole).confidence) == ("improves", "low")
+    path = "part_b.mechanism_2.arms.topk_rkl.teacher_tail_sensitivity"
+    at = with_(mismatched, path, P.TAIL_BLIND_MAX)
+    above = with_(mismatched, path, P.TAIL_BLIND_MAX * 1.01)
+    assert (P.predict(at).verdict, P.predict(above).verdict) == ("collapses", "improves")
 
 
 def test_tail_rule_names_the_least_biased_measured_arm_and_readiness_names_sft():

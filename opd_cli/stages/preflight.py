@@ -40,6 +40,7 @@ measured by opd_cli/stages/pi_probe.py) and readiness (well-formedness, truncati
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -518,7 +519,8 @@ def position_measures(cfg: DictConfig, logits, s_logp, teacher, tokens, mask, be
     sampled token, the full reverse KL(p_S || q_T), both sides' mass on the hedging tokens) and mechanism 2
     (KL_S > 0 on the student's top-k, k = loss.k; per loss arm, the recipe's, every TopK arm and the exact
     full_rkl reference at the recipe's k / support / tail_bucket: the first-order change of the top-k
-    mass, and whether the tail mass rises)."""
+    mass, whether the tail mass rises, and how much the step changes when the teacher's tail is flattened:
+    0 for a loss that reads the teacher only on the student's top-k and as a tail total)."""
     t_logp = teacher.full
     vocab = s_logp.shape[-1]
     ko, k = min(OVERLAP_K, vocab), min(int(cfg.loss.k), vocab)
@@ -537,7 +539,7 @@ def position_measures(cfg: DictConfig, logits, s_logp, teacher, tokens, mask, be
     kl_s = (s_logp.exp().gather(-1, top) * (s_logp.gather(-1, top) - t_logp.gather(-1, top))).sum(-1)
     out["kl_s_positive"] = (kl_s > KL_S_EPS).float()
     base = loss_kwargs(cfg.loss)
-    exact = losses.full_reverse_kl_logit_grad(logits, t_logp)
+    flat_tail = teacher_with_flat_tail(t_logp, top, tokens)
     for name in arms(cfg):
         opts = {key: v for key, v in base.items() if key in losses.loss_options(name)}
         for key in ("k", "support", "tail_bucket"):
@@ -549,11 +551,23 @@ def position_measures(cfg: DictConfig, logits, s_logp, teacher, tokens, mask, be
         d_top = mass_change(s_logp, grad, k)
         out[f"{name}/d_topk_mass"] = d_top  # per unit logit step; the tail mass moves by the opposite
         out[f"{name}/tail_rises"] = (d_top < 0).float()
-        # does one step of this loss follow the exact reverse KL's step, position by position?
-        dot, norms = (grad * exact).sum(-1), grad.norm(dim=-1) * exact.norm(dim=-1)
-        out[f"{name}/cosine_to_exact"] = torch.where(norms > 0, dot / norms.clamp_min(1e-30), 0.0)
-        del grad
+        # does the step read the teacher's tail? the same loss with the teacher's mass outside the student's
+        # top-k spread uniformly over it (the top-k and the tail's total unchanged): relative change
+        other = losses.logit_grad(name, logits, flat_tail, tokens, mask, **opts)
+        size = grad.norm(dim=-1)
+        moved = (other - grad).norm(dim=-1)
+        out[f"{name}/teacher_tail_sensitivity"] = torch.where(size > 0, moved / size.clamp_min(1e-30), 0.0)
+        del grad, other
     return out
+
+
+def teacher_with_flat_tail(t_logp: torch.Tensor, top: torch.Tensor, tokens: torch.Tensor):
+    """The teacher with its mass outside the student's top-k (`top` [B, T, k]) spread uniformly over
+    those tokens: the same log-probs on the top-k, the same tail total, no information inside the tail."""
+    in_top = torch.zeros_like(t_logp, dtype=torch.bool).scatter_(-1, top, True)
+    tail_total = torch.logsumexp(t_logp.masked_fill(in_top, float("-inf")), -1, keepdim=True)
+    flat = torch.where(in_top, t_logp, tail_total - math.log(t_logp.shape[-1] - top.shape[-1]))
+    return losses.TeacherLogprobs(full=flat, sampled=flat.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
 
 
 def arms(cfg: DictConfig) -> list[str]:
@@ -576,7 +590,7 @@ def part_b_summary(cfg: DictConfig, means: dict[str, float], vocab: int) -> dict
             name: {
                 "d_topk_mass": means[f"{name}/d_topk_mass"],
                 "tail_rises_share": means[f"{name}/tail_rises"],
-                "cosine_to_exact": means[f"{name}/cosine_to_exact"],
+                "teacher_tail_sensitivity": means[f"{name}/teacher_tail_sensitivity"],
             }
             for name in arms(cfg)
         },
