@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install run test test-fast test-numerics lint testbed testbed-status probe bench-loss bench-step matrix matrix-report clean \
-	gpu-check wheelhouse install-offline
+	gpu-check wheelhouse install-offline preflight-calibration
 
 install: $(STAMP)
 
@@ -75,6 +75,19 @@ matrix: install
 # Re-render the report of an existing sweep: make matrix-report MATRIX_DIR=multirun/matrix-...
 matrix-report: install
 	$(BIN)/opd report $(MATRIX_DIR) --out $(MATRIX_OUT)
+
+# opd preflight's calibration: its predictions for every matrix cell x 3 seeds against a matrix report's
+# verdicts, without and with a 30-step pilot (~1.5 + ~7 min on 2 cores), then the generated tables spliced
+# into experiments/preflight.md. After a new matrix: make preflight-calibration PREFLIGHT_REPORT=<its report.json>
+PREFLIGHT_REPORT ?= experiments/matrix/report.json
+PREFLIGHT_SEEDS ?= 0,1,2
+PREFLIGHT_PILOT_STEPS ?= 30
+preflight-calibration: install
+	OMP_NUM_THREADS=1 $(BIN)/opd preflight experiment=matrix seed=$(PREFLIGHT_SEEDS) --rollouts 256 \
+		--against $(PREFLIGHT_REPORT) --out experiments/preflight
+	OMP_NUM_THREADS=1 $(BIN)/opd preflight experiment=matrix seed=$(PREFLIGHT_SEEDS) --rollouts 256 \
+		--pilot-steps $(PREFLIGHT_PILOT_STEPS) --against $(PREFLIGHT_REPORT) --out experiments/preflight/pilot
+	$(BIN)/python scripts/splice_generated.py experiments/preflight.md
 
 # Chunked vs naive loss at Qwen3's vocabulary (V=151,936, hidden 2048, 4096 tokens): ~12 GB RAM, ~30 min.
 bench-loss: install

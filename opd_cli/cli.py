@@ -10,7 +10,7 @@
     opd probe-pi experiment=opsd_answer_pi                   # the PI-dependence probe (mechanism 3)
     opd report multirun/2026-11-29/10-00-00-000000           # the matrix table, verdicts and plots
     opd plan experiment=qwen3_opd_8b_topk                    # the memory plan per device
-    opd preflight experiment=matrix                          # pair checks + mechanisms, one row per cell
+    opd preflight experiment=matrix                          # pair checks, mechanisms, prediction per cell
     opd teacher serve                                        # vLLM's server for the recipe's teacher
     opd gpu-check --out experiments/gpu_check                # the CUDA acceptance run (tiny on a CPU)
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 # Defaults that must be in place before vllm/wandb/tokenizers are imported anywhere.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -363,9 +364,26 @@ def print_plans(overrides: list[str], multirun: bool, prompt_tokens: int = 512) 
     show_default=True,
     help="Where preflight.json and preflight.md go (each written atomically).",
 )
-def preflight_cmd(overrides: tuple[str, ...], rollouts: int, out: Path) -> None:
-    """Before training: pair compatibility (part A, exit 2 on any fail) and the mechanism measurements on
-    the student's own rollouts (part B), per recipe; a grid preset gives one row per cell.
+@click.option(
+    "--pilot-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Part C: run the recipe's first N training steps (temp dir) and read the warning signs' trends.",
+)
+@click.option(
+    "--against",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Calibration: compare the predictions with a matrix report.json (opd report); writes calibration.md.",
+)
+def preflight_cmd(
+    overrides: tuple[str, ...], rollouts: int, out: Path, pilot_steps: int, against: Path | None
+) -> None:
+    """Before training: pair compatibility (part A, exit 2 on any fail), the mechanism measurements on
+    the student's own rollouts (part B), an optional pilot (part C) and the prediction (part D:
+    improves / stable / degrades / collapses, the mechanism, a confidence, the fix), per recipe; a grid
+    preset gives one row per cell, ranked.
 
     \b
     Examples:
@@ -373,31 +391,62 @@ def preflight_cmd(overrides: tuple[str, ...], rollouts: int, out: Path) -> None:
       opd preflight teacher=self_answer              # an OPSD recipe (its PI fields are checked)
       opd preflight experiment=matrix                # one row per cell of the grid
       opd preflight experiment=qwen3_opd_8b_topk --rollouts 0   # part A only
+      opd preflight experiment=opd_naive_topk_k5 --pilot-steps 30
+      opd preflight experiment=matrix seed=0 --against experiments/matrix/report.json   # calibration
     """
     from opd_cli.stages import preflight
+    from opd_cli.stages.predict import calibrate, check_against, read_report
     from opd_cli.testbed.build import ensure_for_config
 
+    started = time.monotonic()
     try:
+        report = read_report(against) if against is not None else None
         jobs = launch.preflight_jobs(list(overrides))
         cfgs = [launch.compose(combo) for combo in jobs]
+        names = [
+            c.cell.name if c.cell.name != "default" else (" ".join(j) or "default")
+            for j, c in zip(jobs, cfgs, strict=True)
+        ]
+        if report is not None:
+            check_against(names, report)
         for cfg in cfgs:
             ensure_for_config(cfg)
         click.echo(
             f"preflight budget: {len(cfgs)} recipe(s) x (part A + {rollouts} student rollouts of <= "
-            f"{cfgs[0].rollout.max_new_tokens} tokens, scored by the teacher); "
-            f"{preflight.budget(cfgs[0], rollouts)['fraction_of_run_rollouts']:.1%} of one run's rollouts",
+            f"{cfgs[0].rollout.max_new_tokens} tokens, scored by the teacher"
+            + (f"; {pilot_steps} training steps of the recipe" if pilot_steps else "")
+            + f"); {preflight.budget(cfgs[0], rollouts)['fraction_of_run_rollouts']:.1%} of one run's rollouts",
             err=True,
         )
         results = []
-        for combo, cfg in zip(jobs, cfgs, strict=True):
-            name = cfg.cell.name if cfg.cell.name != "default" else (" ".join(combo) or "default")
-            result = preflight.preflight_recipe(cfg, name, combo, rollouts)
+        for combo, cfg, name in zip(jobs, cfgs, names, strict=True):
+            result = preflight.preflight_recipe(cfg, name, combo, rollouts, pilot_steps)
             click.echo(preflight.check_table(result))
             results.append(result)
+        command = "opd preflight " + " ".join([*overrides, f"--rollouts {rollouts}"])
+        command += f" --pilot-steps {pilot_steps}" if pilot_steps else ""
+        calibration = None
+        if report is not None:
+            command += f" --against {against}"
+            records = [r.to_json() for r in results]
+            calibration = calibrate(records, report, against, command_s=time.monotonic() - started)
     except OpdError as exc:
         fail(str(exc))
     click.echo(preflight.markdown(*preflight.summary_rows(results)))
-    preflight.write_outputs(out, results, "opd preflight " + " ".join(overrides))
+    click.echo("\nprediction (ranked):")
+    click.echo(preflight.markdown(*preflight.prediction_rows(results)))
+    preflight.write_outputs(out, results, command, calibration)
+    if calibration is not None:
+        for seed, c in calibration["seeds"].items():
+            click.echo(
+                f"calibration seed {seed}: {c['hits']} of {c['cells']} cells right; compute "
+                + (
+                    f"{100 * c['fraction']:.1f}% of one matrix seed"
+                    if c["fraction"] is not None
+                    else "unknown"
+                )
+            )
+        click.echo(f"calibration: {out / 'calibration.md'}")
     click.echo(f"results: {out / 'preflight.json'} and {out / 'preflight.md'}")
     failed = [(r.recipe, c) for r in results for c in r.failed]
     if failed:

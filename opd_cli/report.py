@@ -207,6 +207,11 @@ def build_report(roots: list[Path], out_dir: Path, plots: bool = True) -> tuple[
             "match": c.match,
             "seeds": len(c.figures),
             "final_accuracy": c.stat("final_accuracy")[:2],
+            # per seed, for `opd preflight --against` (its calibration per seed and its compute fraction)
+            "seed_verdicts": {
+                str(j.seed): v for j, v in zip([j for j in c.jobs if j.finished], c.verdicts, strict=True)
+            },
+            "wall_s": {str(j.seed): j.wall_s for j in c.jobs if j.wall_s is not None},
         }
         for c in cells
     }

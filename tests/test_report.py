@@ -102,6 +102,9 @@ def test_report_on_a_synthetic_multirun(sweep, tmp_path):
         assert (out / name).is_file(), name
     summary = json.loads((out / "report.json").read_text())
     assert summary["naive"]["verdict"] == "collapses" and summary["full"]["verdict"] == "unfinished"
+    # per seed, for opd preflight --against: the finished jobs' verdicts, every job's wall time
+    assert summary["stopgrad"]["seed_verdicts"] == {"0": "improves"}
+    assert summary["naive"]["wall_s"] == {"0": 60.0, "1": 60.0}
 
 
 def test_a_cell_whose_only_job_failed_is_reported_failed(tmp_path):

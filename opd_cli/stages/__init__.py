@@ -8,8 +8,8 @@
 sft.py (supervised fine-tuning, also the testbed's pretraining), rlvr.py (GRPO with a verifiable
 reward), opd.py (on-policy distillation and self-distillation), evaluate.py (`opd eval` and every
 stage's evaluations), probe.py (`opd probe`, the prefix probe), pi_probe.py (`opd probe-pi`, the
-PI-dependence probe), preflight.py (`opd preflight`, the checks before a run); common.py holds their
-shared setup.
+PI-dependence probe), preflight.py (`opd preflight`, the checks before a run) with pilot.py (its
+--pilot-steps) and predict.py (its prediction and calibration); common.py holds their shared setup.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""`opd preflight`: before the GPU week, check that student and teacher form a compatible pair (part A)
-and measure the paper's mechanisms on a bounded number of the student's own rollouts (part B).
+"""`opd preflight`: before the GPU week, check that student and teacher form a compatible pair (part A),
+measure the paper's mechanisms on a bounded number of the student's own rollouts (part B), optionally run
+the recipe's first steps (part C, stages/pilot.py) and predict the outcome (part D, stages/predict.py).
 
     opd preflight                                   # the default recipe on the testbed
     opd preflight teacher=self_answer               # an OPSD recipe (its PI fields are checked)
-    opd preflight experiment=matrix                 # one row per cell of the grid
+    opd preflight experiment=matrix                 # one row per cell of the grid, ranked by its prediction
     opd preflight experiment=qwen3_opd_8b_topk --rollouts 0   # part A only
+    opd preflight experiment=opd_naive_topk_k5 --pilot-steps 30   # + the recipe's first 30 training steps
+    opd preflight experiment=matrix seed=0 --against experiments/matrix/report.json   # calibration
     opd run preflight=true                          # part A before training: a fail refuses to start
 
 Part A, pair compatibility (each check passes or fails with its fix in one line; any fail ends the
@@ -37,6 +40,7 @@ measured by opd_cli/stages/pi_probe.py) and readiness (well-formedness, truncati
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,6 +65,8 @@ from opd_cli.stages.common import (
 )
 from opd_cli.stages.opd import batch_rows, loss_kwargs
 from opd_cli.stages.pi_probe import pi_dependence
+from opd_cli.stages.pilot import SIGNS, pilot
+from opd_cli.stages.predict import Prediction, calibration_markdown, predict, rank_key
 from opd_cli.teachers import (
     PromptBuilder,
     Teacher,
@@ -70,6 +76,9 @@ from opd_cli.teachers import (
 )
 
 TOPK_ARMS = ("topk_rkl", "topk_rkl_stopgrad", "topk_rkl_renorm")  # mechanism 2's comparison arms
+# The exact reverse KL at the same k: the unbiased gradient the TopK arms approximate. The prediction
+# (stages/predict.py) reads each arm's tail-rise share against this one's on the same positions.
+REFERENCE_ARM = "full_rkl"
 # Models whose weights exceed this on a CPU are not loaded: part A keeps its tokenizer/config checks.
 CPU_WEIGHTS_LIMIT_GB = 4.0
 TEMPLATE_ROWS = 8  # rows whose prompts the template checks compare
@@ -117,7 +126,10 @@ class RecipeResult:
     part_b: dict | None = None
     part_b_skipped: str | None = None
     budget: dict = field(default_factory=dict)
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # parts A and B
+    facts: dict = field(default_factory=dict)  # what of the config the prediction's messages name
+    pilot: dict | None = None  # part C (--pilot-steps), its own wall_s
+    prediction: dict | None = None  # part D: stages.predict.predict of the above
 
     @property
     def failed(self) -> list[Check]:
@@ -505,9 +517,11 @@ def mass_change(logp: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
 
 def position_measures(cfg: DictConfig, logits, s_logp, teacher, tokens, mask, behavior, hedge) -> dict:
     """Per response position [B, T]: mechanism 1 (top-K overlap at OVERLAP_K, the teacher's NLL of the
-    sampled token, both sides' mass on the hedging tokens) and mechanism 2 (KL_S > 0 on the student's
-    top-k, k = loss.k; per loss arm, the recipe's then every TopK arm at the recipe's k / support /
-    tail_bucket: the first-order change of the top-k mass, and whether the tail mass rises)."""
+    sampled token, the full reverse KL(p_S || q_T), both sides' mass on the hedging tokens) and mechanism 2
+    (KL_S > 0 on the student's top-k, k = loss.k; per loss arm, the recipe's, every TopK arm and the exact
+    full_rkl reference at the recipe's k / support / tail_bucket: the first-order change of the top-k
+    mass, whether the tail mass rises, and how much the step changes when the teacher's tail is flattened:
+    0 for a loss that reads the teacher only on the student's top-k and as a tail total)."""
     t_logp = teacher.full
     vocab = s_logp.shape[-1]
     ko, k = min(OVERLAP_K, vocab), min(int(cfg.loss.k), vocab)
@@ -515,6 +529,8 @@ def position_measures(cfg: DictConfig, logits, s_logp, teacher, tokens, mask, be
     out = {
         "overlap": (s_top.unsqueeze(-1) == t_top.unsqueeze(-2)).any(-1).float().mean(-1),
         "teacher_nll": -t_logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1),
+        # the teaching signal: the full reverse KL the exact loss starts from, per position
+        "reverse_kl": (s_logp.exp() * (s_logp - t_logp)).sum(-1),
     }
     if hedge:
         ids = torch.tensor(hedge, device=t_logp.device)
@@ -524,6 +540,7 @@ def position_measures(cfg: DictConfig, logits, s_logp, teacher, tokens, mask, be
     kl_s = (s_logp.exp().gather(-1, top) * (s_logp.gather(-1, top) - t_logp.gather(-1, top))).sum(-1)
     out["kl_s_positive"] = (kl_s > KL_S_EPS).float()
     base = loss_kwargs(cfg.loss)
+    flat_tail = teacher_with_flat_tail(t_logp, top, tokens)
     for name in arms(cfg):
         opts = {key: v for key, v in base.items() if key in losses.loss_options(name)}
         for key in ("k", "support", "tail_bucket"):
@@ -531,14 +548,31 @@ def position_measures(cfg: DictConfig, logits, s_logp, teacher, tokens, mask, be
                 opts[key] = cfg.loss[key]
         if name == "sampled_rkl":
             opts["behavior_logprobs"] = behavior
-        d_top = mass_change(s_logp, losses.logit_grad(name, logits, teacher, tokens, mask, **opts), k)
+        grad = losses.logit_grad(name, logits, teacher, tokens, mask, **opts)
+        d_top = mass_change(s_logp, grad, k)
         out[f"{name}/d_topk_mass"] = d_top  # per unit logit step; the tail mass moves by the opposite
         out[f"{name}/tail_rises"] = (d_top < 0).float()
+        # does the step read the teacher's tail? the same loss with the teacher's mass outside the student's
+        # top-k spread uniformly over it (the top-k and the tail's total unchanged): relative change
+        other = losses.logit_grad(name, logits, flat_tail, tokens, mask, **opts)
+        size = grad.norm(dim=-1)
+        moved = (other - grad).norm(dim=-1)
+        out[f"{name}/teacher_tail_sensitivity"] = torch.where(size > 0, moved / size.clamp_min(1e-30), 0.0)
+        del grad, other
     return out
 
 
+def teacher_with_flat_tail(t_logp: torch.Tensor, top: torch.Tensor, tokens: torch.Tensor):
+    """The teacher with its mass outside the student's top-k (`top` [B, T, k]) spread uniformly over
+    those tokens: the same log-probs on the top-k, the same tail total, no information inside the tail."""
+    in_top = torch.zeros_like(t_logp, dtype=torch.bool).scatter_(-1, top, True)
+    tail_total = torch.logsumexp(t_logp.masked_fill(in_top, float("-inf")), -1, keepdim=True)
+    flat = torch.where(in_top, t_logp, tail_total - math.log(t_logp.shape[-1] - top.shape[-1]))
+    return losses.TeacherLogprobs(full=flat, sampled=flat.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+
+
 def arms(cfg: DictConfig) -> list[str]:
-    return list(dict.fromkeys([cfg.loss.name, *TOPK_ARMS]))
+    return list(dict.fromkeys([cfg.loss.name, *TOPK_ARMS, REFERENCE_ARM]))
 
 
 def part_b_summary(cfg: DictConfig, means: dict[str, float], vocab: int) -> dict:
@@ -546,6 +580,7 @@ def part_b_summary(cfg: DictConfig, means: dict[str, float], vocab: int) -> dict
         "overlap_k": min(OVERLAP_K, vocab),
         "topk_overlap": means["overlap"],
         "teacher_nll": means["teacher_nll"],
+        "reverse_kl": means["reverse_kl"],
         **{key: means[key] for key in ("teacher_hedging_mass", "student_hedging_mass") if key in means},
     }
     m2 = {
@@ -556,6 +591,7 @@ def part_b_summary(cfg: DictConfig, means: dict[str, float], vocab: int) -> dict
             name: {
                 "d_topk_mass": means[f"{name}/d_topk_mass"],
                 "tail_rises_share": means[f"{name}/tail_rises"],
+                "teacher_tail_sensitivity": means[f"{name}/teacher_tail_sensitivity"],
             }
             for name in arms(cfg)
         },
@@ -621,11 +657,26 @@ def budget(cfg: DictConfig, rollouts: int) -> dict:
     }
 
 
-def preflight_recipe(cfg: DictConfig, recipe: str, overrides: list[str], rollouts: int) -> RecipeResult:
-    """Part A (files, then weights), then part B on `rollouts` student rollouts (0: part A only). Stops
-    at the first stage with a fail: nothing expensive runs after a failed check."""
+def recipe_facts(cfg: DictConfig) -> dict:
+    return {
+        "loss": cfg.loss.name,
+        "k": int(cfg.loss.k),
+        "teacher_kind": cfg.teacher.kind,
+        "stabilization": cfg.stabilization.kind,
+        "steps": int(cfg.trainer.steps),
+    }
+
+
+def preflight_recipe(
+    cfg: DictConfig, recipe: str, overrides: list[str], rollouts: int, pilot_steps: int = 0
+) -> RecipeResult:
+    """Part A (files, then weights), then part B on `rollouts` student rollouts (0: part A only), then
+    the pilot's `pilot_steps` training steps (part C, 0: none) and the prediction (part D). Stops at the
+    first stage with a fail: nothing expensive runs after a failed check."""
     started = time.monotonic()
-    result = RecipeResult(recipe, overrides, seed=cfg.seed, budget=budget(cfg, rollouts))
+    result = RecipeResult(
+        recipe, overrides, seed=cfg.seed, budget=budget(cfg, rollouts), facts=recipe_facts(cfg)
+    )
     seed_everything(cfg.seed)
     task, train_rows, _ = load_task_and_data(cfg.task)
     rows = train_rows[:TEMPLATE_ROWS]
@@ -640,6 +691,9 @@ def preflight_recipe(cfg: DictConfig, recipe: str, overrides: list[str], rollout
             result.checks.append(Check(name, "skip", skip))
         result.part_b_skipped = skip
     result.wall_s = round(time.monotonic() - started, 1)
+    if pilot_steps > 0 and not result.failed:
+        result.pilot = pilot(cfg, pilot_steps)
+    result.prediction = predict(result.to_json()).to_json()
     return result
 
 
@@ -827,12 +881,41 @@ def arm_table(results: list[RecipeResult]) -> str:
     return markdown(header, rows)
 
 
-def write_outputs(out_dir: Path, results: list[RecipeResult], command: str) -> None:
-    """preflight.json and preflight.md, each written atomically."""
+def ranked(results: list[RecipeResult]) -> list[RecipeResult]:
+    return sorted(results, key=lambda r: (rank_key(Prediction(**r.prediction)), r.recipe, r.seed))
+
+
+def prediction_rows(results: list[RecipeResult]) -> tuple[list[str], list[list[str]]]:
+    """One row per recipe, best first: the prediction, its mechanism, confidence, evidence and fix."""
+    header = ["rank", "recipe", "seed", "prediction", "confidence", "mechanism", "evidence", "fix"]
+    rows = []
+    for i, r in enumerate(ranked(results), 1):
+        p = r.prediction
+        rows.append(
+            [
+                str(i),
+                r.recipe,
+                str(r.seed),
+                p["verdict"],
+                p["confidence"],
+                p["mechanism"],
+                p["evidence"],
+                p["fix"],
+            ]
+        )
+    return header, rows
+
+
+def write_outputs(
+    out_dir: Path, results: list[RecipeResult], command: str, calibration: dict | None = None
+) -> None:
+    """preflight.json and preflight.md (and, with a calibration, calibration.json / .md), each atomic."""
     payload = {"command": command, "recipes": [r.to_json() for r in results], "tolerances": TOLERANCES}
     md = [
         f"# opd preflight\n\n`{command}`\n",
-        "## Summary (one row per recipe)\n",
+        "## Prediction (one row per recipe, ranked; rules: opd_cli/stages/predict.py)\n",
+        markdown(*prediction_rows(results)),
+        "\n## Summary (one row per recipe)\n",
         markdown(*summary_rows(results)),
         "\nMechanism 2 per TopK arm: first-order change of the student's top-K mass per unit logit step "
         "(the tail mass changes by the opposite) / share of positions whose tail mass rises.\n",
@@ -840,8 +923,31 @@ def write_outputs(out_dir: Path, results: list[RecipeResult], command: str) -> N
         "\n## Part A per recipe\n",
         *(f"```\n{check_table(r)}\n```\n" for r in results),
     ]
+    if any(r.pilot for r in results):
+        md += [
+            "\n## Pilot (part C): first -> last value, slope per step ± its standard error\n",
+            pilot_table(results),
+        ]
+    if calibration is not None:
+        atomic_write_json(out_dir / "calibration.json", calibration)
+        atomic_write_text(out_dir / "calibration.md", calibration_markdown(calibration, command) + "\n")
     atomic_write_json(out_dir / "preflight.json", payload)
     atomic_write_text(out_dir / "preflight.md", "\n".join(md) + "\n")
+
+
+def pilot_table(results: list[RecipeResult]) -> str:
+    header = ["recipe", "seed", "pilot", *SIGNS]
+    rows = []
+    for r in results:
+        if r.pilot is None:
+            continue
+        signs = r.pilot.get("signs", {})
+        cells = [
+            f"{_fmt(s['first'])} -> {_fmt(s['last'])}, {s['slope']:+.2g} ± {s['slope_se']:.1g}" if s else "-"
+            for s in (signs.get(name) for name in SIGNS)
+        ]
+        rows.append([r.recipe, str(r.seed), r.pilot["status"], *cells])
+    return markdown(header, rows)
 
 
 def gate(cfgs: list[DictConfig]) -> None:
