@@ -15,9 +15,15 @@ from opd_cli.stages.pi_probe import alignment_error, geometric_mean, per_token_k
 
 @pytest.fixture(scope="module")
 def probes() -> dict[str, dict]:
-    """The three testbed OPSD cells, 16 rollouts x 2 I' samples each."""
+    """The testbed OPSD cells with different PI kinds, 16 rollouts x 2 I' samples each."""
     out = {}
-    for cell in ("opsd_answer_pi", "opsd_solution_pi", "opsd_system_rule"):
+    for cell in (
+        "opsd_answer_pi",
+        "opsd_solution_pi",
+        "opsd_system_rule",
+        "opsd_shared_preference",
+        "opsd_profile_pi",
+    ):
         cfg = launch.compose([f"experiment={cell}", "logger=none"])
         out[cell] = pi_dependence(cfg, n=16, seed=0, samples=2)
     return out
@@ -34,6 +40,23 @@ def test_a_shared_rule_gives_no_gap_and_the_no_pi_gap_is_the_rule(probes):
     assert r["kl"]["student_bar"]["mean"] < 1e-5
     # what the student sees (no system line) differs from the rule-teacher: the rule is the signal
     assert r["kl"]["none"]["mean"] > 0.1
+
+
+def test_a_shared_preference_has_no_gap_and_a_profile_does(probes):
+    shared, profile = probes["opsd_shared_preference"], probes["opsd_profile_pi"]
+    assert shared["pi_kind"] == "shared rule" and shared["gap_to_student_optimum"] < 1e-5
+    assert shared["kl"]["none"]["mean"] > 0.1
+    # a per-user profile the student cannot write: its optimum is the geometric mean over the profiles
+    assert profile["pi_kind"] == "instance-specific" and profile["kl"]["student_bar"] is None
+    assert profile["gap_to_student_optimum_over"] == "the valid PIs"
+    assert profile["gap_to_student_optimum"] == profile["kl"]["valid_bar"]["mean"] > 0.01
+    assert profile["valid_alternatives_per_prompt"] == 1  # msd <-> lsd
+
+
+def test_solution_references_in_any_style_leave_a_gap(probes):
+    r = probes["opsd_solution_pi"]
+    assert r["gap_to_student_optimum_over"] == "the student's own"
+    assert r["kl"]["valid_bar"]["mean"] > 0.1 and r["gap_to_student_optimum"] > 0.1
 
 
 def test_an_answer_that_differs_gives_a_finite_positive_gap(probes):

@@ -429,8 +429,23 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
         / sum(1 for vs in variants for v in vs if v.source == "marginal"),
         "valid_alternatives_per_prompt": alternatives / n,
         "kl": summary,
-        # the headline for preflight: what the student cannot close even at its own optimum
-        "gap_to_student_optimum": summary["student_bar"]["mean"] if summary["student_bar"] else None,
+        # the headline for preflight: what the student cannot close even at its own optimum, the geometric
+        # mean over the PIs it could be given. Over its own samples where it can write the PI; where it
+        # cannot (a per-user profile), over the problem's valid PIs, which is then the whole PI distribution
+        "gap_to_student_optimum": (
+            summary["student_bar"]["mean"]
+            if summary["student_bar"]
+            else summary["valid_bar"]["mean"]
+            if summary["valid_bar"]
+            else None
+        ),
+        "gap_to_student_optimum_over": (
+            "the student's own"
+            if summary["student_bar"]
+            else "the valid PIs"
+            if summary["valid_bar"]
+            else None
+        ),
         # answer PI: the same where the teacher commits to its answer (before the student's scratchpad)
         "gap_where_teacher_commits": summary["direct_bar"]["mean"] if summary["direct_bar"] else None,
         # the student's prompt scored like a teacher's vs the engine's own log-probs of its rollouts
