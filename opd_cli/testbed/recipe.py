@@ -97,18 +97,6 @@ RECIPE: dict = {
         "stop_at_system": 0.9,
         "stop_at_preference": 0.9,
     },
-    # the RLVR-adapted PI teacher: opsd_base after GRPO on plain prompts (teacher_rlvr's settings)
-    "opsd_rlvr": {
-        "steps": 200,
-        "prompts_per_step": 16,
-        "samples_per_prompt": 8,
-        "lr": 1e-4,
-        "clip_eps": 0.2,
-        "temperature": 1.0,
-        "max_new_tokens": 48,
-        "eval_every": 5,
-        "stop_at": 0.97,
-    },
     "eval": {
         "max_new_tokens": 96,
         "dev_max_new_tokens": 64,
@@ -118,6 +106,8 @@ RECIPE: dict = {
         "prefix_prompts": 200,
     },
 }
+# the RLVR-adapted PI teacher: opsd_base after GRPO on plain prompts, with teacher_rlvr's settings
+RECIPE["opsd_rlvr"] = dict(RECIPE["teacher_rlvr"])
 # what each step loads from other steps (the build runs a step once these are built)
 PARENTS = {"teacher_rlvr": ("student_sft",), "opsd_rlvr": ("opsd_base",)}
 # the order in which ready steps start (longest first, so two workers finish together)
