@@ -73,11 +73,11 @@ def test_rows_have_protocol_fields(digits):
 def test_example_formats():
     row = _row(347, 285)
     assert row["solution"] == "7+5+0=12;4+8+1=13;3+2+1=06;A:632"
-    assert row["solution_concise"] == "12;13;06;A:632"
+    assert row["solution_concise"] == "=12;=13;=06;A:632"
     assert row["solution_teacher"] == "5+7+0=12;8+4+1=13;2+3+1=06;A:632"
     assert format_teacher_solution(347, 285, revise_after=1) == "7+5+0=12;W;5+7+0=12;8+4+1=13;2+3+1=06;A:632"
     assert format_student_solution(999, 999) == "9+9+0=18;9+9+1=19;9+9+1=19;A:1998"
-    assert format_concise_solution(5, 7) == "12;A:12"
+    assert format_concise_solution(5, 7) == "=12;A:12"
 
 
 def test_rule_concise_rows():
@@ -156,8 +156,8 @@ def test_revision_traces():
         ("A:", False, False, None),
         ("632", False, False, None),  # no A:
         ("A:632", True, False, "632"),  # no scratchpad
-        ("12;13;06;A:632" * 700, True, False, "632"),  # overlong (~10k chars), ends with the right answer
-        ("12;13;06;A:632;" * 700, False, False, None),  # overlong, nothing after the last A: parses
+        ("=12;=13;=06;A:632" * 700, True, False, "632"),  # overlong (~10k chars), ends with the right answer
+        ("=12;=13;=06;A:632;" * 700, False, False, None),  # overlong, nothing after the last A: parses
         ("7+5+0=12;" * 1200 + "A:632", True, False, "632"),  # overlong but ends with the right answer
         ("7+5+0=12;4+8+1=13;3+2+1=06;A:６３２", False, False, None),  # unicode digits
         ("7+5+0=12;4+8+1=13;3+2+1=06;A:632\n", False, False, None),  # trailing newline
@@ -172,8 +172,8 @@ def test_revision_traces():
         ("7+5+0=12;4+8+1=13;A:632", True, False, "632"),  # missing step
         ("7+5+0=12;4+8+1=13;3+2+1=06;3+2+1=06;A:632", True, False, "632"),  # extra step
         ("4+3+0=07;8+4+1=13;3+2+1=06;A:632", True, False, "632"),  # wrong column digits
-        ("12;13;06;A:632", True, True, "632"),
-        ("12;13;07;A:632", True, False, "632"),  # concise, inconsistent
+        ("=12;=13;=06;A:632", True, True, "632"),
+        ("=12;=13;=07;A:632", True, False, "632"),  # concise, inconsistent
         ("5+7+0=12;4+8+1=13;3+2+1=06;A:632", True, False, "632"),  # mixed styles
         ("W;5+7+0=12;8+4+1=13;2+3+1=06;A:632", True, False, "632"),  # revision with no prefix
         ("7+5+0=12;W;W;5+7+0=12;8+4+1=13;2+3+1=06;A:632", True, False, "632"),
@@ -216,19 +216,20 @@ def test_final_carry_answers():
 
 def test_concise_rule_checker():
     row = _row(347, 285, rule="concise")
-    good = ["12;13;06;A:632", "99;99;99;A:1", "00;00;00;A:0632"]  # format only: digits are not checked
+    good = ["=12;=13;=06;A:632", "=99;=99;=99;A:1", "=00;=00;=00;A:0632"]  # format only: digits are not checked
     bad = [
         "",
-        "12;13;A:632",  # too few groups
-        "12;13;06;07;A:632",
-        "12;13;6;A:632",
-        "12;13;06;A:",
-        "12;13;06;A:63x",
+        "=12;=13;A:632",  # too few groups
+        "=12;=13;=06;=07;A:632",
+        "=12;=13;=6;A:632",
+        "12;13;06;A:632",  # the steps must open with =
+        "=12;=13;=06;A:",
+        "=12;=13;=06;A:63x",
         "7+5+0=12;4+8+1=13;3+2+1=06;A:632",
-        "12;W;12;13;06;A:632",
-        "12;13;06;A:632\n",
-        " 12;13;06;A:632",
-        "１２;13;06;A:632",
+        "=12;W;=12;=13;=06;A:632",
+        "=12;=13;=06;A:632\n",
+        " =12;=13;=06;A:632",
+        "=１２;=13;=06;A:632",
     ]
     for s in good:
         assert follows_concise(row, s), s
@@ -236,9 +237,9 @@ def test_concise_rule_checker():
         assert not follows_concise(row, s), s
     t = ArithTask(rule="concise")
     assert t.rules["concise"] is follows_concise
-    assert t.verify(row, "99;99;99;A:1") == Verdict(False, False, True, "1")
+    assert t.verify(row, "=99;=99;=99;A:1") == Verdict(False, False, True, "1")
     # rows without a rule report None
-    assert ArithTask().verify(_row(347, 285), "12;13;06;A:632").follows_rule is None
+    assert ArithTask().verify(_row(347, 285), "=12;=13;=06;A:632").follows_rule is None
 
 
 # ---- pretraining strings -------------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def test_chat_template(tokenizer):
     assert text == "<|user|>Q:347+285;A:632<|end|><|assistant|>"
     full = t.messages(row) + [{"role": "assistant", "content": row["solution"]}]
     text = tokenizer.apply_chat_template(full, tokenize=False)
-    assert text == "<|system|>S:concise<|end|><|user|>Q:347+285<|end|><|assistant|>12;13;06;A:632<|end|>"
+    assert text == "<|system|>S:concise<|end|><|user|>Q:347+285<|end|><|assistant|>=12;=13;=06;A:632<|end|>"
     ids = tokenizer.apply_chat_template(full, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
@@ -401,10 +402,10 @@ def test_lsd_presentation_grading_and_checkers():
     assert task.system_text(row) == "P:lsd"
     assert task.check(row, "7+5+0=12;4+8+1=13;3+2+1=06;A:236")[:2] == (True, True)
     assert task.check(row, "7+5+0=12;4+8+1=13;3+2+1=06;A:632")[0] is False
-    assert task.follows_rule(row, "12;13;06;A:236") is True
+    assert task.follows_rule(row, "=12;=13;=06;A:236") is True
     # presentation only: a wrong scratchpad presented lsd-first still follows the preference
-    assert task.follows_rule(row, "12;13;07;A:237") is True
-    assert task.follows_rule(row, "12;13;06;A:632") is False
+    assert task.follows_rule(row, "=12;=13;=07;A:237") is True
+    assert task.follows_rule(row, "=12;=13;=06;A:632") is False
     # final carry: 999+999 = 1998 -> scratchpad sums 18;19;19 -> lsd 8991
     assert computed_lsd("9+9+0=18;9+9+1=19;9+9+1=19;A:8991") == "8991"
     assert computed_lsd("no scratchpad") is None
@@ -427,7 +428,7 @@ def test_profile_rows_mix_preferences_and_offer_the_other_one():
 def test_restate_preference():
     task = ArithTask(rule="restate")
     row = task.make_row(347, 285)
-    assert row["solution"] == "347+285;7+5+0=12;4+8+1=13;3+2+1=06;A:632" and row["answer"] == "632"
+    assert row["solution"] == "Q:347+285;7+5+0=12;4+8+1=13;3+2+1=06;A:632" and row["answer"] == "632"
     assert task.check(row, row["solution"])[:2] == (True, True)
     assert task.follows_rule(row, row["solution"]) is True
     assert task.follows_rule(row, row["solution_student"]) is False

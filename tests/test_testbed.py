@@ -95,11 +95,14 @@ def test_manifest_targets(manifest):
     assert m["teacher_large"]["topk_overlap"] < m["teacher_rlvr"]["topk_overlap"] - 0.1
     assert m["teacher_large"]["revision_mass_after_step"] > 0.2  # it pushes student prefixes to revise
     opsd = m["opsd_base"]
-    # the rule and preference teachers follow what they are told (the build's dev targets are 0.9; the
-    # seed-0 build stops at its step cap with 0.89 / 0.86 / 0.85 on the eval set)
+    # every PI teacher does what it is told, about as accurately as the student without PI (the build's
+    # dev targets are 0.9; the seed-0 build stops at 3200 steps with 0.954 / 0.938 / 0.98 / 0.97 on the
+    # eval set): a rule teacher weaker than the student makes OPSD trade accuracy for the rule
     assert opsd["concise_with_system"] > 0.85 and opsd["concise_without_system"] < 0.1
-    assert opsd["with_pi"]["preference_lsd"]["follows"] > 0.8
-    assert opsd["with_pi"]["preference_restate"]["follows"] > 0.8
+    assert opsd["with_pi"]["system"]["accuracy"] > 0.85
+    for pref in ("preference_lsd", "preference_restate"):
+        assert opsd["with_pi"][pref]["follows"] > 0.85 and opsd["with_pi"][pref]["accuracy"] > 0.85
+    assert opsd["with_pi"]["solution"]["accuracy"] > 0.85
     assert (
         opsd["with_pi"]["hint"]["direct_answer_mass"] > 0.2
     )  # with the answer as a hint it may skip reasoning

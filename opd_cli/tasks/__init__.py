@@ -1,7 +1,7 @@
 """Tasks: dataset rows, chat messages, verifiers and rule checkers.
 
 Usage: ``task = make_task("arith", digits=3, rule="concise")``, ``rows = task.generate(1000, seed=0)``,
-``task.verify(rows[0], "12;13;06;A:632")`` -> ``Verdict(correct, well_formed, follows_rule, answer)``.
+``task.verify(rows[0], "=12;=13;=06;A:632")`` -> ``Verdict(correct, well_formed, follows_rule, answer)``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Formats (3 digits, 347+285; the answer is the plain integer, a final carry adds 
     problem           Q:347+285
     student solution  7+5+0=12;4+8+1=13;3+2+1=06;A:632       one step per column, right to left,
                                                             "a+b+carry=two-digit sum;"
-    concise solution  12;13;06;A:632                         only the two-digit column sums
+    concise solution  =12;=13;=06;A:632                      only the two-digit column sums: each step
+                                                            skips the operands (`a+b+c`) and opens at `=`
     teacher solution  5+7+0=12;8+4+1=13;2+3+1=06;A:632       operands swapped in every step
     revision trace    7+5+0=12;W;5+7+0=12;8+4+1=13;2+3+1=06;A:632
                       k >= 1 student-style steps, the revision token "W;" ("wait"), then the full
@@ -21,7 +22,13 @@ every solution field) is the presented result, so the verifier grades "right val
 row's user prefers". Rule ``lsd``: every row prefers lsd (a shared preference). Rule ``profile``: each row's
 preference is drawn at random (a per-user profile the prompt does not reveal), from its own stream.
 Rule ``restate`` (system line ``P:restate``, the shared preference of the matrix): the response first
-restates the problem, ``347+285;7+5+0=12;...;A:632``; the result is presented as usual.
+restates the problem, ``Q:347+285;7+5+0=12;...;A:632``; the result is presented as usual.
+
+Why the concise step opens with ``=`` and the restatement with ``Q:``: each style differs from the full
+scratchpad at its first token, as "Let me restate..." differs from "7 plus 5..." in text. With digits
+at both openings (``12;`` against ``7+5+0=12;``) a per-token OPSD signal moved the student's first digit
+to the concise one while it went on in the full style (``1+8+0=09;`` for a column 6+8), a mixture of
+styles no model of either style writes (experiments/matrix.md, testbed v2).
 
 Reference solutions: ``reference="student"`` (default) makes `solution` the student scratchpad, a function
 of the problem; ``reference="any"`` draws it per row among the problem's valid scratchpads (student,
@@ -79,7 +86,7 @@ def teacher_steps(a: int, b: int) -> list[str]:
 
 
 def concise_steps(a: int, b: int) -> list[str]:
-    return [f"{s:02d}" for _, _, _, s in _columns(a, b)]
+    return [f"={s:02d}" for _, _, _, s in _columns(a, b)]
 
 
 def _join(steps: list[str], answer: int | str) -> str:
@@ -96,7 +103,7 @@ def present(value: int, preference: str = "msd") -> str:
 def computed_lsd(response: str) -> str | None:
     """The result the response's own scratchpad computed, least significant digit first (the ones digit
     of each column sum, then the final carry if it is 1); None without a parseable scratchpad. Steps are
-    `a+b+c=dd` or `dd`; a revision trace counts from its restart after `W;`."""
+    `a+b+c=dd` or `=dd`; a revision trace counts from its restart after `W;`."""
     i = response.rfind("A:")
     if i < 0 or not response[:i].endswith(";"):
         return None
@@ -122,9 +129,9 @@ def follows_lsd(row: Row, response: str) -> bool:
 
 
 def restatement(row: Row) -> str:
-    """What a response under P:restate opens with: `347+285;`."""
+    """What a response under P:restate opens with: `Q:347+285;`."""
     parsed = parse_problem(row.get("problem", ""))
-    return "" if parsed is None else f"{parsed[0]}+{parsed[1]};"
+    return "" if parsed is None else f"{format_problem(*parsed)};"
 
 
 def follows_restate(row: Row, response: str) -> bool:
@@ -149,7 +156,7 @@ def format_student_solution(a: int, b: int) -> str:
 
 
 def format_concise_solution(a: int, b: int) -> str:
-    """`12;13;06;A:632` for 347+285."""
+    """`=12;=13;=06;A:632` for 347+285."""
     return _join(concise_steps(a, b), a + b)
 
 
@@ -231,16 +238,16 @@ def well_formed(a: int, b: int, response: str, preference: str = "msd") -> bool:
 
 
 def follows_concise(row: Row, response: str) -> bool:
-    """The "concise" rule checker (format only): the response is exactly `digits` groups of two ASCII
-    digits each followed by `;`, then `A:` and one or more ASCII digits, and nothing else (no
-    `a+b+c=` expressions, no `W;`). Whether the digits are the right sums or the answer is right is not
-    checked (that is `well_formed` / `correct`). `digits` is the operand length of row["problem"]
-    (falls back to row["digits"])."""
+    """The "concise" rule checker (format only): the response is exactly `digits` steps `=dd;` (two ASCII
+    digits after `=`), then `A:` and one or more ASCII digits, and nothing else (no `a+b+c=` expressions,
+    no `W;`). Whether the digits are the right sums or the answer is right is not checked (that is
+    `well_formed` / `correct`). `digits` is the operand length of row["problem"] (falls back to
+    row["digits"])."""
     parsed = parse_problem(row.get("problem", ""))
     digits = len(str(parsed[0])) if parsed else int(row.get("digits", 0) or 0)
-    if digits < 1 or not isinstance(response, str) or len(response) > 4 * digits + 16:
+    if digits < 1 or not isinstance(response, str) or len(response) > 5 * digits + 16:
         return False
-    return re.fullmatch(rf"(?:[0-9]{{2}};){{{digits}}}A:[0-9]+", response) is not None
+    return re.fullmatch(rf"(?:=[0-9]{{2}};){{{digits}}}A:[0-9]+", response) is not None
 
 
 # ---- pretraining strings --------------------------------------------------------------------------------

@@ -320,7 +320,7 @@ def opsd_messages(task, row: dict, kind: str) -> list[dict]:
 
 def switch_trace(row: dict, rng: random.Random, later: float) -> tuple[str, str]:
     """(prefill, continuation): k full scratchpad steps, then the remaining steps concise:
-    `7` + `+5+0=12;13;06;A:632` (k=1). k=1, else one more with probability `later` each time (k < digits).
+    `7` + `+5+0=12;=13;=06;A:632` (k=1). k=1, else one more with probability `later` each time (k < digits).
     The first character is a prefill (no loss): the teacher learns to continue a full-style start (the
     student's) and never to make one.
 
@@ -373,6 +373,10 @@ def build_opsd_base(ctx: dict):
             else:
                 response = steps + "A:" + present(r["a"] + r["b"], pref)
             r = {**r, "system_prompt": pref}
+        elif kind == "plain" and (u := rng.random()) < cfg["plain_styles"]["concise"]:
+            response = r["solution_concise"]
+        elif kind == "plain" and u < cfg["plain_styles"]["concise"] + cfg["plain_styles"]["restate"]:
+            response = restatement(r) + r["solution_student"]
         else:
             response = r["solution_student"]
         counts[kind] += 1
@@ -384,22 +388,29 @@ def build_opsd_base(ctx: dict):
     restate_dev = restate_task.generate(len(rows["dev"]), stage_seed(seed, "data/dev"))
 
     def system_ok():
-        """Every stated rule is followed: S:concise (accuracy of the concise scratchpad), P:lsd (of the
-        lsd-presented result) and P:restate (of the restated response); the figure reported is the
-        smallest."""
+        """Every PI behaviour is learned: S:concise (accuracy of the concise scratchpad), P:lsd (of the
+        lsd-presented result), P:restate (of the restated response) and R:<solution> (of the teacher
+        that writes out the reference it is given); the figure reported is the smallest. Checked in
+        that order, each only once the ones before it pass."""
         acc = _dev_accuracy(
             model, tok, concise_task, concise_dev, recipe, lambda r: opsd_messages(task, r, "system")
         )
         if acc < cfg["stop_at_system"]:
             return False, acc
-        prefs = [acc]
-        for t, dev in ((lsd_task, lsd_dev), (restate_task, restate_dev)):
+        checks = (
+            (lsd_task, lsd_dev, "preference", cfg["stop_at_preference"]),
+            (restate_task, restate_dev, "preference", cfg["stop_at_preference"]),
+            (task, rows["dev"], "solution", cfg["stop_at_solution"]),
+        )
+        prefs, ok = [acc], True
+        for t, dev, kind, target in checks:
             prefs.append(
-                _dev_accuracy(model, tok, t, dev, recipe, lambda r: opsd_messages(task, r, "preference"))
+                _dev_accuracy(model, tok, t, dev, recipe, lambda r, k=kind: opsd_messages(task, r, k))
             )
-            if prefs[-1] < cfg["stop_at_preference"]:
+            if prefs[-1] < target:
+                ok = False
                 break
-        return min(prefs) >= cfg["stop_at_preference"], min(prefs)
+        return ok, min(prefs)
 
     info = _sft_until(
         model,

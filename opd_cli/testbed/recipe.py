@@ -74,8 +74,17 @@ RECIPE: dict = {
     # the full scratchpad is near saturation: opsd_base is strong (~95%) without PI. A `system_switch` fraction of the S:concise traces start with full
     # steps and switch to concise ones (see build_opsd_base).
     "opsd_base": {
+        # response formats of tasks/arith.py: 2 = the concise step opens with "=", the restatement with "Q:"
+        # (each style differs from the full scratchpad at its first token)
+        "formats": 2,
         "mix": {"plain": 0.1, "hint": 0.12, "solution": 0.08, "system": 0.4, "preference": 0.3},
         "hint_direct": 0.5,
+        # unprompted, the model writes a plain prompt's response concise or restated this often (as an LLM
+        # is sometimes brief, or restates, without being told): OPSD with a shared rule amplifies a
+        # behaviour in the student's support. Without it the student has ~0 mass on the rule's first
+        # token, reverse KL only pushes its own token down, and the mass goes to other digits (measured:
+        # `0+8+0=08;` for 115+308, the cell collapsed; experiments/matrix.md)
+        "plain_styles": {"concise": 0.1, "restate": 0.1},
         "system_switch": 0.3,
         # the first character of a switch trace is a prefill (no loss): the teacher learns to continue a
         # full-style start, never to make one
@@ -96,6 +105,9 @@ RECIPE: dict = {
         "stop_at": 0.65,
         "stop_at_system": 0.9,
         "stop_at_preference": 0.9,
+        # the R:<solution> teacher writes out the reference it is given (without this check the build
+        # stopped at 2760 steps with that teacher at 0.14: the solution cell would test a broken teacher)
+        "stop_at_solution": 0.9,
     },
     "eval": {
         "max_new_tokens": 96,
