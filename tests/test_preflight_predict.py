@@ -162,6 +162,45 @@ def test_pi_rules_collapse_degrade_stable_improve():
     assert rule.verdict == "improves"
 
 
+def path(drop: float, student: float = 0.98) -> dict:
+    return {
+        "prompts": 64,
+        "prefix_share": 0.25,
+        "teacher_prefix_example": "A",
+        "teacher_accuracy": 0.77,
+        "teacher_mean_length": 12.0,
+        "student_accuracy": student,
+        "student_mean_length": 33.6,
+        "student_on_teacher_path": student - drop,
+        "drop": drop,
+    }
+
+
+def test_path_rule_collapses_where_the_student_cannot_finish_the_teachers_path():
+    """Rule 5a decides before the per-token gaps: a small gap (the student knows the answer after its own
+    scratchpad) does not save a recipe whose teacher skips the scratchpad."""
+    small_gap = {"gap_where_teacher_commits": 0.01, "gap_to_student_optimum": 0.0, "kl_to_no_pi": 0.5}
+    above = P.predict(opsd(**small_gap, path=path(P.PATH_DROP_MAX + 1e-6)))
+    assert (above.verdict, above.rule) == ("collapses", "pi_path") and "'A'" in above.evidence
+    at = P.predict(opsd(**small_gap, path=path(P.PATH_DROP_MAX)))
+    assert at.verdict == "improves" and at.margins["pi_path"] == "low"
+    # no path measured (a recipe without PI, or an old record): the rule is silent
+    assert P.predict(opsd(**small_gap)).verdict == "improves"
+
+
+def test_sft_recipe_readiness_reads_the_teachers_kept_traces():
+    not_ready = with_(with_(healthy(), "part_b.readiness.well_formed", 0.0), "facts.stabilization", "sft")
+
+    def teacher(kept: float) -> dict:
+        return {"well_formed": 0.9, "sampled_accuracy": 0.3, "prompts": 64, "expected_kept_traces": kept}
+
+    enough = P.predict(with_(not_ready, "part_b.teacher_readiness", teacher(P.SFT_KEPT_MIN)))
+    assert (enough.verdict, enough.rule, enough.confidence) == ("improves", "ready", "low")
+    assert "SFT checkpoint" in enough.fix
+    few = P.predict(with_(not_ready, "part_b.teacher_readiness", teacher(P.SFT_KEPT_MIN * 0.99)))
+    assert (few.verdict, few.rule) == ("stable", "ready") and "num_traces" in few.fix
+
+
 def pilot(values: list[float], steps: int = 120) -> dict:
     b, se = P.slope(values[len(values) // 2 :])
     sign = {"first": values[0], "last": values[-1], "recent_slope": b, "recent_slope_se": se}

@@ -31,6 +31,15 @@ alternatives). Means are per response token (the loss's token_mean), with a 95% 
 the sd of the per-prompt means over prompts. `pi_dependence(cfg, n, seed)` is the function `opd preflight`
 calls; `opd probe-pi` prints `format_pi_dependence` and writes the dict as JSON. Results on the testbed:
 experiments/pi_dependence.md.
+
+The path probe (`path_probe`, the dict's "path"): can the student, without the PI, finish what the PI
+teacher starts? On PATH_PROMPTS prompts the PI teacher answers greedily with the PI; the student, on its
+own prompt, is given the first PATH_PREFIX of that response (at least one token) and continues greedily.
+OPSD pulls the student onto the teacher's path; where the student cannot finish that path without the PI
+(the answer-conditioned teacher skips to the answer, the student cannot compute it unprompted) it is
+trained onto a path it fails on, whatever the per-token gaps say. For a shared rule the path is the
+rule's own, which the student can learn; it also reads the PI teacher's own accuracy (a rule teacher
+weaker than the student trades accuracy for the rule).
 """
 
 from __future__ import annotations
@@ -69,6 +78,8 @@ STATS = {
     "none": "no PI (the student's own prompt)",
 }
 BOOTSTRAP = 1000
+PATH_PROMPTS = 64  # prompts of the path probe
+PATH_PREFIX = 0.25  # share of the PI teacher's greedy response the student continues from
 DEFAULT_BATCH = 64  # sequences per teacher forward when trainer.micro_batch_size is 0 (all at once)
 
 
@@ -283,6 +294,43 @@ def direct_answers(engine, tok, task, teacher, rows, prompt_ids, sampling, sampl
     return out
 
 
+def path_probe(engine, teacher_engine, tok, task, rows, teacher, prompt_ids, max_new_tokens, seed) -> dict:
+    """The path probe (module doc) on `rows`: `teacher_engine` generates with the PI teacher's weights,
+    `engine` with the student's; both greedy."""
+    greedy = SamplingConfig(greedy=True, max_new_tokens=max_new_tokens)
+    t_out = teacher_engine.generate([teacher.prompt_ids(r) for r in rows], greedy, derive_seed(seed, 31))
+    stop = set(tok.all_special_ids)
+    t_resp = [g[0].response_ids for g in t_out]
+    prefixes = []
+    for y in t_resp:
+        body = y[:-1] if y and y[-1] in stop else y  # never hand the student the teacher's EOS
+        prefixes.append(body[: max(1, int(len(body) * PATH_PREFIX))])
+    student_prompts = [prompt_ids(r) for r in rows]
+    own = engine.generate(student_prompts, greedy, derive_seed(seed, 32))
+    cont = engine.generate(
+        [p + x for p, x in zip(student_prompts, prefixes, strict=True)], greedy, derive_seed(seed, 33)
+    )
+
+    def accuracy(seqs: list[list[int]]) -> float:
+        texts = [tok.decode(y, skip_special_tokens=True) for y in seqs]
+        return sum(task.verify(r, t).correct for r, t in zip(rows, texts, strict=True)) / len(rows)
+
+    own_resp = [g[0].response_ids for g in own]
+    on_path = [x + g[0].response_ids for x, g in zip(prefixes, cont, strict=True)]
+    student_accuracy, path_accuracy = accuracy(own_resp), accuracy(on_path)
+    return {
+        "prompts": len(rows),
+        "prefix_share": PATH_PREFIX,
+        "teacher_prefix_example": tok.decode(prefixes[0]),
+        "teacher_accuracy": accuracy(t_resp),
+        "teacher_mean_length": sum(map(len, t_resp)) / len(rows),
+        "student_accuracy": student_accuracy,
+        "student_mean_length": sum(map(len, own_resp)) / len(rows),
+        "student_on_teacher_path": path_accuracy,
+        "drop": student_accuracy - path_accuracy,
+    }
+
+
 def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
     """The PI-dependence measurement of an OPSD recipe on `n` of the student's rollouts (module doc)."""
     check_request(cfg, n, samples)
@@ -342,6 +390,26 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
             if kind == "answer"
             else None
         )
+        teacher_engine = (
+            engine
+            if teacher_model is model
+            else rollout_engine(cfg, teacher_path, device, dtype=dtype, model=teacher_model)
+        )
+        try:
+            path = path_probe(
+                engine,
+                teacher_engine,
+                tok,
+                task,
+                rows[:PATH_PROMPTS],
+                teacher,
+                prompt_ids,
+                cfg.rollout.max_new_tokens,
+                seed,
+            )
+        finally:
+            if teacher_engine is not engine:
+                teacher_engine.close()
     finally:
         engine.close()
     responses = [g[0].response_ids for g in groups]
@@ -448,6 +516,8 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
         ),
         # answer PI: the same where the teacher commits to its answer (before the student's scratchpad)
         "gap_where_teacher_commits": summary["direct_bar"]["mean"] if summary["direct_bar"] else None,
+        # can the student finish, without the PI, what the PI teacher starts (module doc)
+        "path": path,
         # the student's prompt scored like a teacher's vs the engine's own log-probs of its rollouts
         "alignment_max_abs_logprob_diff": alignment,
         "wall_s": time.perf_counter() - start,
@@ -465,6 +535,7 @@ def format_pi_dependence(result: dict) -> str:
         )
 
     same = result["student_pi_same_as_reference"]
+    path = result["path"]
     direct = result["direct_same_as_reference"]
     lines = [
         f"PI probe: teacher.pi_field={result['pi_field']} ({result['pi_kind']}), model {result['model']}, "
@@ -481,6 +552,10 @@ def format_pi_dependence(result: dict) -> str:
         f"{result['marginal_same_as_reference']:.3f}, the student's answer where the teacher commits "
         f"{'n/a' if direct is None else f'{direct:.3f}'}; other valid PIs per problem: "
         f"{result['valid_alternatives_per_prompt']:.1f}",
+        "path: on {prompts} prompts the PI teacher is right {teacher_accuracy:.3f} (length {teacher_mean_length:.1f}), "
+        "the student {student_accuracy:.3f} (length {student_mean_length:.1f}); the student, without the PI, "
+        "continuing the first {share:.0%} of the teacher's response ({example!r}): {student_on_teacher_path:.3f} "
+        "(drop {drop:+.3f})".format(share=path["prefix_share"], example=path["teacher_prefix_example"], **path),
         f"alignment: the student's prompt scored as a teacher reproduces its rollouts' log-probs within "
         f"{result['alignment_max_abs_logprob_diff']:.1e}; wall time {result['wall_s']:.1f} s",
     ]

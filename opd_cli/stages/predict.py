@@ -15,8 +15,11 @@ first rule that fires decides; its measurement's distance from the threshold set
  2. ready    well-formed share of the student's rollouts < READY_WELL_FORMED -> stable: a student that
              does not produce the task's format gets no score the teacher can move (the testbed's base
              student: 0.00; its SFT'd students: 0.31 and 0.81). Fix: SFT first. With stabilization=sft
-             the measured student is the one before the SFT stage: low confidence, preflight the SFT
-             checkpoint.
+             the measured student is the one before the SFT stage, and the rule reads the teacher
+             instead: its T=1 answers on 64 prompts x stabilization.num_traces estimate the traces the SFT
+             stage keeps; >= SFT_KEPT_MIN -> improves (SFT gives the format, then OPD on a well-formed
+             student; low confidence, the OPD stage is not measured: preflight the SFT checkpoint),
+             else stable.
  3. teacher  top-K overlap < OVERLAP_MIN or the teacher's mass on revision / hedging tokens after the
              student's prefixes > REVISION_MASS_MAX, with a loss blind to the teacher's tail (its step
              does not change when the teacher's mass outside the student's top-k is reshuffled:
@@ -29,6 +32,12 @@ first rule that fires decides; its measurement's distance from the threshold set
              closed-form logit gradient) at a share of positions that exceeds the exact reverse KL's at
              the same k by > TAIL_EXCESS_MAX -> collapses (mechanism 2, biased TopK gradient: the "+1"
              term drains the top-K mass step after step). Fix: the measured arm with the least excess.
+ 5a. path   privileged information only (mechanism 3): the student, without the PI, continuing the
+             first quarter of the PI teacher's greedy response is right less often than on its own by
+             > PATH_DROP_MAX -> collapses. OPSD pulls the student onto the teacher's path; an answer-
+             conditioned teacher starts with the answer, which the student cannot write without working
+             it out (the shortcut: the paper's DAPO length collapse). Per-token gaps miss it when the
+             student's own rollouts end at the right answer (they do on the testbed, 97%).
  5. PI gap   privileged information only (mechanism 3): the KL from the reference-PI teacher to q_bar,
              the student's optimum over the PIs it can produce itself, where the teacher commits to its
              answer > PI_GAP_MAX -> collapses (the shortcut: the teacher skips to an answer the student
@@ -68,6 +77,10 @@ LEVELS = ("low", "medium", "high")
 
 # rule 2: well-formed rollouts. Seed 0: base student 0.00 (stable) | SFT'd students 0.309, 0.805.
 READY_WELL_FORMED = 0.15
+# rule 2 with stabilization=sft: the SFT stage's kept traces (stabilization.num_traces x the teacher's T=1
+# accuracy). Not fitted (one matrix cell SFTs): a prior from the testbed's trials, where ~2.5k kept traces
+# made student_base well formed on every seed and ~640 on seed 0 (experiments/matrix.md).
+SFT_KEPT_MIN = 500.0
 # rule 3: top-20 overlap. Seed 0: teacher_large 0.812 (collapses) | every other ready pair >= 0.919.
 OVERLAP_MIN = 0.87
 # rule 3: the teacher's mass on the revision tokens' first token. Seed 0: ready pairs <= 1.17e-5 |
@@ -88,6 +101,10 @@ TAIL_EXCESS_MAX = 0.27
 # the largest other gap 0.0055 (the solution PI, stable); geometric midpoint 0.028. No seed-0 cell
 # degrades: the all-positions bound is the same number, not fitted.
 PI_GAP_MAX = 0.028
+# rule 5a: the path probe's accuracy drop (the student on its own minus the student continuing the PI
+# teacher's first quarter). Seed 0 (64 prompts): the system rule 0.156 (improves) | the answer PI 0.797
+# and its RLVR-adapted teacher 0.766 (collapse); arithmetic midpoint, see the fit in experiments/preflight.md.
+PATH_DROP_MAX = 0.48
 # rule 6: KL to the PI-free prompt, nats/token. Seed 0: the solution PI 0.073 (stable) | the shared rule
 # 0.906 (improves, internalized); geometric midpoint 0.26.
 PI_SIGNAL_MIN = 0.26
@@ -171,6 +188,31 @@ def rule_ready(rec: dict, margins: dict) -> Prediction | None:
     if wf >= READY_WELL_FORMED:
         return None
     sft = rec.get("facts", {}).get("stabilization") == "sft"
+    t = rec["part_b"].get("teacher_readiness")
+    if sft and t is not None:
+        kept = t["expected_kept_traces"]
+        margins["ready"] = ratio_level(kept, SFT_KEPT_MIN)
+        if kept >= SFT_KEPT_MIN:
+            return Prediction(
+                "improves",
+                "readiness: SFT on the teacher's traces gives the format first",
+                "low",
+                f"student well-formed {wf:.2f} < {READY_WELL_FORMED}, but the teacher's T=1 answers are right "
+                f"{t['sampled_accuracy']:.2f} (well-formed {t['well_formed']:.2f}): ~{kept:.0f} kept SFT traces "
+                f">= {SFT_KEPT_MIN}",
+                "the OPD stage is not measured here (its student does not exist yet): run opd preflight on the "
+                "SFT checkpoint (model.path=<the SFT stage's checkpoint>) to check it",
+                "ready",
+            )
+        return Prediction(
+            "stable",
+            "readiness: too few correct teacher traces to SFT on",
+            margins["ready"],
+            f"student well-formed {wf:.2f} < {READY_WELL_FORMED}; the teacher's T=1 answers are right "
+            f"{t['sampled_accuracy']:.2f}: ~{kept:.0f} kept SFT traces < {SFT_KEPT_MIN}",
+            "more SFT traces (stabilization.num_traces), or a teacher that answers this task",
+            "ready",
+        )
     return Prediction(
         "stable",
         "readiness: the student does not produce the task's format",
@@ -244,6 +286,29 @@ def rule_tail(rec: dict, margins: dict) -> Prediction | None:
         f"positions, {_pct(x)} more than the exact reverse KL (> {_pct(TAIL_EXCESS_MAX)})",
         f"try loss={best} (excess {excess[best]:+.2f} measured here) or loss=full_rkl (exact)",
         "tail",
+    )
+
+
+def rule_pi_path(rec: dict, margins: dict) -> Prediction | None:
+    path = (rec["part_b"].get("mechanism_3") or {}).get("path")
+    if not path:
+        return None
+    drop = path["drop"]
+    margins["pi_path"] = share_level(drop, PATH_DROP_MAX)
+    if drop <= PATH_DROP_MAX:
+        return None
+    return Prediction(
+        "collapses",
+        "3: OPSD aggregation (the PI teacher takes a path the student cannot finish without the PI)",
+        margins["pi_path"],
+        f"the student continuing the PI teacher's first {_pct(path['prefix_share'])} "
+        f"({path['teacher_prefix_example']!r}) is right {path['student_on_teacher_path']:.2f}, on its own "
+        f"{path['student_accuracy']:.2f} (drop {drop:.2f} > {PATH_DROP_MAX}); the PI teacher's responses are "
+        f"{path['teacher_mean_length']:.0f} tokens, the student's {path['student_mean_length']:.0f}",
+        "OPSD will pull the student onto the teacher's shortcut: use privileged information that does not "
+        "let the teacher skip the work the student must do (a shared rule, a hint short of the answer), or a "
+        "teacher without PI",
+        "pi_path",
     )
 
 
@@ -362,7 +427,7 @@ def rule_pilot(rec: dict, margins: dict) -> Prediction | None:
     )
 
 
-RULES = (rule_ready, rule_teacher, rule_tail, rule_pi_gap, rule_pi_signal, rule_pilot)
+RULES = (rule_ready, rule_teacher, rule_tail, rule_pi_path, rule_pi_gap, rule_pi_signal, rule_pilot)
 
 
 def predict(rec: dict) -> Prediction:
@@ -424,6 +489,10 @@ def measured(rec: dict) -> str:
     ):
         if m3.get(key) is not None:
             parts.append(f"{label} {m3[key]:.2g}")
+    if m3.get("path"):
+        parts.append(f"path drop {m3['path']['drop']:+.2f} (PI teacher right {m3['path']['teacher_accuracy']:.2f})")
+    if b.get("teacher_readiness"):
+        parts.append(f"teacher's kept SFT traces ~{b['teacher_readiness']['expected_kept_traces']:.0f}")
     return ", ".join(parts)
 
 

@@ -630,6 +630,8 @@ def mechanism_3(cfg: DictConfig, n: int, seed: int) -> dict:
         "kl_to_no_pi": none.get("mean"),
         "shared": result["shared"],
         "student_pi_same_as_reference": result["student_pi_same_as_reference"],
+        # can the student finish, without the PI, what the PI teacher starts (stages/pi_probe.py)
+        "path": result["path"],
         "wall_s": result["wall_s"],
     }
 
@@ -647,6 +649,9 @@ def readiness(task, tokenizer, rows, samples) -> dict:
 
 
 # ------------------------------------------------------------------------------------- one recipe
+TEACHER_READINESS_PROMPTS = 64  # teacher samples that estimate the SFT stage's kept-trace share
+
+
 def budget(cfg: DictConfig, rollouts: int) -> dict:
     run = cfg.trainer.steps * cfg.trainer.prompts_per_step * cfg.rollout.n
     return {
@@ -766,6 +771,30 @@ def run_weights(cfg, result: RecipeResult, task, train_rows, pair: Pair, device,
         result.part_b_skipped = "--rollouts 0"
         return
     result.part_b = measure_part_b(cfg, task, pair, student, teacher, rows, prompts, samples, device)
+    if cfg.stabilization.kind == "sft":  # the SFT stage's traces come from this teacher
+        result.part_b["teacher_readiness"] = teacher_readiness(
+            cfg, task, pair, teacher_model, t_device, rows[:TEACHER_READINESS_PROMPTS]
+        )
+
+
+def teacher_readiness(cfg, task, pair: Pair, teacher_model, t_device, rows) -> dict:
+    """The teacher's own T=1 answers to `rows` on its own prompt, with the verifier: how many of the SFT
+    stage's traces it would keep (stabilization=sft trains the student on the correct ones)."""
+    prompts = [chat_prompt_ids(pair.t_tok, pair.t_builder.messages(r), pair.t_thinking) for r in rows]
+    engine = rollout_engine(cfg, pair.teacher_path, t_device, dtype="float32", model=teacher_model)
+    try:
+        sampling = SamplingConfig(
+            temperature=cfg.rollout.temperature,  # as stages/sft.py samples its traces
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        )
+        samples = [g[0] for g in engine.generate(prompts, sampling, derive_seed(cfg.seed, 0, 19))]
+    finally:
+        engine.close()
+    out = readiness(task, pair.t_tok, rows, samples)
+    out["prompts"] = len(rows)
+    out["expected_kept_traces"] = out["sampled_accuracy"] * int(cfg.stabilization.num_traces)
+    return out
 
 
 def measure_part_b(cfg, task, pair: Pair, student, teacher, rows, prompts, samples, device) -> dict:
