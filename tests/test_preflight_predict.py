@@ -154,8 +154,13 @@ def test_pi_rules_collapse_degrade_stable_improve():
     assert (commits.verdict, commits.rule, commits.confidence) == ("collapses", "pi_gap", "low")
     at = P.predict(opsd(gap_where_teacher_commits=gap, gap_to_student_optimum=gap, kl_to_no_pi=0.5))
     assert at.verdict == "improves"
-    spread = P.predict(opsd(gap_where_teacher_commits=None, gap_to_student_optimum=gap * 3, kl_to_no_pi=0.5))
-    assert (spread.verdict, spread.confidence) == ("degrades", "high")
+    # between the two all-positions thresholds: degrades, as confident as the nearer threshold allows
+    mid = (P.PI_GAP_MAX * P.PI_GAP_COLLAPSE) ** 0.5
+    spread = P.predict(opsd(gap_where_teacher_commits=None, gap_to_student_optimum=mid, kl_to_no_pi=0.5))
+    assert (spread.verdict, spread.rule) == ("degrades", "pi_gap") and spread.confidence != "high"
+    for value, verdict in ((P.PI_GAP_COLLAPSE, "degrades"), (P.PI_GAP_COLLAPSE * 1.01, "collapses")):
+        everywhere = opsd(gap_where_teacher_commits=None, gap_to_student_optimum=value, kl_to_no_pi=0.5)
+        assert P.predict(everywhere).verdict == verdict
     quiet = P.predict(opsd(gap_where_teacher_commits=None, gap_to_student_optimum=0.0, kl_to_no_pi=0.07))
     assert (quiet.verdict, quiet.rule) == ("stable", "pi_signal")
     rule = P.predict(opsd(gap_where_teacher_commits=None, gap_to_student_optimum=1e-10, kl_to_no_pi=0.9))
