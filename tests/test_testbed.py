@@ -245,3 +245,63 @@ def test_shipped_tokenizer_loads_with_the_build_ids():
             [{"role": "user", "content": "Q:347+285\nH:632"}], add_generation_prompt=True, tokenize=False
         )
         assert loaded.decode(loaded(prompt).input_ids) == prompt
+
+
+# ---- determinism across CPUs ----------------------------------------------------------------------------
+_TINY_BUILD = """
+import copy, json, sys
+from opd_cli.testbed import build
+from opd_cli.testbed.builders import run_step
+from opd_cli.testbed.recipe import RECIPE, file_sha256
+recipe = copy.deepcopy(RECIPE)
+recipe["student_sft"].update(steps=6, eval_every=1000)
+out = sys.argv[1]
+kernels = build._run_jobs({"k": (build.worker_kernels, (), ())}, 1, False, "kernels", with_queue=False)["k"]
+build._run_jobs({"student_sft": (run_step, ("student_sft", out, 0, recipe, True), ())}, 1, False, "build", True)
+print(json.dumps({"kernels": kernels, "sha": file_sha256(__import__("pathlib").Path(out) / "student_sft" / "model.safetensors")}))
+"""
+
+
+@pytest.mark.slow
+def test_build_step_weights_do_not_depend_on_the_callers_kernels(tmp_path):
+    """A build step runs in a worker with PINNED_KERNELS, so a caller under ATen's scalar kernels and one
+    under the CPU's best (AVX-512 where it has them) get the same weights: what makes `opd testbed
+    build --force` reproduce the shipped sha256 on another x86-64 CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from opd_cli.testbed.build import PINNED_CAPABILITY
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file() or "avx2" not in cpuinfo.read_text():
+        pytest.skip("the pinned kernels need an x86-64 CPU with AVX2")
+    results = []
+    for capability in ("default", None):
+        env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        out = tmp_path / (capability or "unset")
+        res = subprocess.run(
+            [sys.executable, "-c", _TINY_BUILD, str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert [r["kernels"] for r in results] == [{"capability": PINNED_CAPABILITY, "MKL_CBWR": "AVX2"}] * 2
+    assert results[0]["sha"] == results[1]["sha"]
+
+
+def test_pinned_environment_restores_the_callers(monkeypatch):
+    import os
+
+    from opd_cli.testbed import build
+
+    monkeypatch.setenv("MKL_CBWR", "AUTO")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    with build.pinned_environment():
+        assert {k: os.environ[k] for k in build.PINNED_KERNELS} == build.PINNED_KERNELS
+    assert os.environ["MKL_CBWR"] == "AUTO" and "ATEN_CPU_CAPABILITY" not in os.environ

@@ -34,9 +34,13 @@ What gets built (3-digit addition with a scratchpad, `opd_cli.tasks.arith`; char
                  (conf/teacher/rlvr_answer.yaml), stronger without PI and still reading the hint line.
 
 Determinism: every step seeds itself from (seed, step name), runs single-threaded (results do not depend
-on the machine's core count) and trains on data generated from the seed, so the same seed gives the same
-weights and figures on the same kind of CPU. Independent steps run in two worker processes. A step whose
-recipe hash matches the `build_info.json` in its directory is skipped (`force=True` rebuilds).
+on the machine's core count), trains on data generated from the seed and runs in a worker process with
+pinned kernels (`PINNED_KERNELS`: ATen's AVX2 kernels, MKL's AVX2 code path), so the same seed gives the
+same weights and figures on any x86-64 CPU with AVX2. Unpinned, ATen picks its AVX-512 kernels where the
+CPU has them and the weights differ from the first step (measured: student_sft's sha256 differs between
+ATEN_CPU_CAPABILITY=avx2 and avx512 on one AMD EPYC; pinned, a build there reproduces the weights built on
+an AVX2-only EPYC bit for bit). Independent steps run in two worker processes. A step whose recipe hash
+matches the `build_info.json` in its directory is skipped (`force=True` rebuilds).
 `manifest.json` records versions, the recipe hash, weight hashes and each model's measured figures.
 """
 
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import copy
 import json
 import logging
@@ -65,6 +70,39 @@ from opd_cli.testbed.paths import ASSETS_DIR, MANIFEST, MODEL_NAMES, PREFIX, mis
 from opd_cli.testbed.recipe import MANIFEST_FORMAT, PRIORITY, RECIPE, config_hash, file_sha256, parents_of
 
 log = logging.getLogger("opd")
+
+# The kernels every build step and evaluation runs with, in a spawned worker (the variables are read when
+# torch and MKL load): ATen's AVX2 kernels and MKL's AVX2 branch of conditional numerical reproducibility.
+# Any x86-64 CPU with AVX2 then computes the same bits (AVX-512 kernels sum in another order).
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+PINNED_CAPABILITY = "AVX2"  # torch.backends.cpu.get_cpu_capability() under PINNED_KERNELS
+
+
+def kernels_pinned() -> bool:
+    """Whether this process already runs with PINNED_KERNELS (then a one-worker build may run here)."""
+    return torch.backends.cpu.get_cpu_capability() == PINNED_CAPABILITY and all(
+        os.environ.get(k) == v for k, v in PINNED_KERNELS.items()
+    )
+
+
+def worker_kernels() -> dict:
+    """The kernels this process computes with (what a build worker reports)."""
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "MKL_CBWR": os.environ.get("MKL_CBWR")}
+
+
+@contextlib.contextmanager
+def pinned_environment():
+    """PINNED_KERNELS in os.environ while worker processes are spawned (they inherit it)."""
+    saved = {k: os.environ.get(k) for k in PINNED_KERNELS}
+    os.environ.update(PINNED_KERNELS)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -141,6 +179,14 @@ def build_testbed(
         with_queue=True,
     )
     build_seconds = time.perf_counter() - t0
+    capabilities = sorted({i.get("cpu_capability") or "?" for i in built.values() if not i.get("skipped")})
+    if any(c != PINNED_CAPABILITY for c in capabilities if c != "?"):
+        log.warning(
+            "testbed steps ran with CPU capability %s, not %s (this CPU lacks AVX2?): the weights will "
+            "not match the shipped ones",
+            ",".join(capabilities),
+            PINNED_CAPABILITY,
+        )
     evals = _run_jobs(
         {n: (evaluate_model, (n, str(out), seed, recipe), ()) for n in MODEL_NAMES},
         workers,
@@ -177,6 +223,7 @@ def build_testbed(
             "skipped": sorted(n for n in MODEL_NAMES if built[n].get("skipped")),
             "workers": workers,
         },
+        "kernels": {**PINNED_KERNELS, "capability": capabilities},
     }
     atomic_write_json(out / MANIFEST, manifest)
     log.info("testbed built at %s in %.0fs", out, manifest["timing"]["total_seconds"])
@@ -201,8 +248,9 @@ def _models_intact(out: Path, manifest: dict) -> bool:
 
 def _run_jobs(jobs: dict[str, tuple], workers: int, progress: bool, title: str, with_queue: bool) -> dict:
     """Run jobs {name: (fn, args, names it depends on)} in dict order as their dependencies finish, in up
-    to `workers` spawned processes (one worker: in this process); with_queue passes each job a progress
-    queue as last argument. Returns {name: result}."""
+    to `workers` processes spawned with PINNED_KERNELS (one worker in a process that already runs with
+    them: in this process); with_queue passes each job a progress queue as last argument. Returns
+    {name: result}."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -229,7 +277,7 @@ def _run_jobs(jobs: dict[str, tuple], workers: int, progress: bool, title: str, 
 
     results: dict = {}
     with bars:
-        if workers <= 1:
+        if workers <= 1 and kernels_pinned():
             direct = type("DirectQueue", (), {"put": staticmethod(show)})()
             while len(results) < len(jobs):
                 name = next(
@@ -241,7 +289,11 @@ def _run_jobs(jobs: dict[str, tuple], workers: int, progress: bool, title: str, 
                 results[name] = fn(*args, direct) if with_queue else fn(*args)
             return results
         ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager, cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with (
+            pinned_environment(),
+            ctx.Manager() as manager,
+            cf.ProcessPoolExecutor(max(workers, 1), mp_context=ctx) as pool,
+        ):
             q = manager.Queue()
             running: dict = {}
             while len(results) < len(jobs):

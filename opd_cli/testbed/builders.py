@@ -468,7 +468,12 @@ def run_step(name: str, out_dir: str, seed: int, recipe: dict, force: bool, q) -
         }
         t0 = time.perf_counter()
         model, train_info = BUILDERS[name](ctx)
-        info = {"stage_hash": h, "seconds": round(time.perf_counter() - t0, 1), "train": train_info}
+        info = {
+            "stage_hash": h,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "train": train_info,
+        }
         save(model, tok, out / name, info)
         _Reporter(q, name)(1, 1, f"done in {info['seconds']:.0f}s")
         return info
