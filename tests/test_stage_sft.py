@@ -74,6 +74,20 @@ def test_sft_train_is_deterministic(tok):
     assert torch.equal(runs[0], runs[1])
 
 
+def test_held_out_traces_are_not_trained_on():
+    """The NLL before/after is measured on traces SFT never trains on: the last eighth (at most 256, at
+    least one once there are two), disjoint from the training examples."""
+    from opd_cli.stages.sft import split_held_out
+
+    examples = [([{"role": "user", "content": f"Q:{i}"}], f"A:{i}") for i in range(64)]
+    train, held = split_held_out(examples)
+    assert (len(train), len(held)) == (56, 8) and train + held == examples
+    assert not {r for _, r in train} & {r for _, r in held}
+    assert [len(p) for p in split_held_out(examples * 40)] == [2560 - 256, 256]
+    assert [len(p) for p in split_held_out(examples[:5])] == [4, 1]
+    assert split_held_out(examples[:1]) == (examples[:1], [])
+
+
 @pytest.mark.slow
 def test_sft_then_opd(models, tmp_path):
     run_dir = tmp_path / "run"
@@ -94,6 +108,7 @@ def test_sft_then_opd(models, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     stats = json.loads((run_dir / "sft_student" / "sft_stats.json").read_text())
     assert stats["kept"] == 64 and stats["nll_after"] < stats["nll_before"]
+    assert (stats["train_traces"], stats["held_out_traces"]) == (56, 8)
     assert (run_dir / "sft_student" / "DONE").exists()
 
 

@@ -13,7 +13,8 @@ Setup -> train -> save:
    are written once to `traces.json`, so a resumed stage never regenerates them;
 2. train: `sft_train` below, cross-entropy on response tokens only, checkpoints every
    `trainer.save_every` steps (`checkpoints/`, removed once the stage is done);
-3. save: the model and tokenizer, `sft_stats.json` (traces kept, NLL on held-out traces before/after)
+3. save: the model and tokenizer, `sft_stats.json` (traces kept; the NLL before/after on the last eighth
+   of the kept traces, at most 256, which SFT does not train on)
    and, as OPD's stabilization, a DONE marker so a resumed run reuses the finished student.
 
 `sft_train` is also the testbed's trainer (its pretraining and its SFT student, opd_cli/testbed):
@@ -126,6 +127,13 @@ def teacher_traces(cfg: DictConfig, task, rows: list[dict], device) -> tuple[lis
     return examples, {"traces": len(rows), "kept": len(examples)}
 
 
+def split_held_out(examples: list) -> tuple[list, list]:
+    """(train, held_out): the last eighth of the traces (at most 256, at least 1 once there are two) is
+    held out of training, so the NLL before/after measures the student on traces it never saw."""
+    n = max(1, min(256, len(examples) // 8)) if len(examples) >= 2 else 0
+    return examples[: len(examples) - n], examples[len(examples) - n :]
+
+
 def saved_traces(cfg: DictConfig, out: Path, task, rows: list[dict], device) -> tuple[list, dict]:
     """The SFT examples, written once to `out/traces.json` (hours of generation at scale) and read back
     when a killed run resumes."""
@@ -163,9 +171,11 @@ def run(cfg: DictConfig, out: Path) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     amp_dtype = autocast_dtype(device, cfg.model.dtype)
     micro, chunk = cfg.trainer.micro_batch_size, cfg.loss.chunk_size
-    held_out = tokenize_examples(
-        tokenizer, examples[-min(256, max(1, len(examples) // 8)) :], cfg.model.enable_thinking
-    )
+    examples, held_out_examples = split_held_out(examples)
+    stats["train_traces"], stats["held_out_traces"] = len(examples), len(held_out_examples)
+    if not held_out_examples:
+        log.warning("stabilization: only %d trace kept, none held out: the NLL is on it", len(examples))
+    held_out = tokenize_examples(tokenizer, held_out_examples or examples, cfg.model.enable_thinking)
 
     def nll() -> float:
         """Mean NLL of the held-out traces, `trainer.micro_batch_size` sequences at a time."""
