@@ -338,6 +338,22 @@ def switch_trace(row: dict, rng: random.Random, later: float) -> tuple[str, str]
     return trace[:1], trace[1:]
 
 
+def plain_response(row: dict, u: float, styles: dict) -> str:
+    """The response to a plain prompt, for a uniform draw `u`: concise with probability
+    styles["concise"], restated with styles["restate"], the result presented lsd-first (the full
+    scratchpad, then `A:` and the reversed digits) with styles.get("lsd", 0), else the student's full
+    scratchpad. The shares put each PI behaviour in the student's support (see recipe.py)."""
+    edges = [styles["concise"], styles["restate"], styles.get("lsd", 0.0)]
+    if u < edges[0]:
+        return row["solution_concise"]
+    if u < edges[0] + edges[1]:
+        return restatement(row) + row["solution_student"]
+    if u < edges[0] + edges[1] + edges[2]:
+        steps = "".join(f"{s};" for s in student_steps(row["a"], row["b"]))
+        return steps + "A:" + present(row["a"] + row["b"], "lsd")
+    return row["solution_student"]
+
+
 def build_opsd_base(ctx: dict):
     recipe, cfg, tok, seed = ctx["recipe"], ctx["recipe"]["opsd_base"], ctx["tokenizer"], ctx["seed"]
     task, rows = ctx["task"], ctx["rows"]["arith"]
@@ -373,10 +389,8 @@ def build_opsd_base(ctx: dict):
             else:
                 response = steps + "A:" + present(r["a"] + r["b"], pref)
             r = {**r, "system_prompt": pref}
-        elif kind == "plain" and (u := rng.random()) < cfg["plain_styles"]["concise"]:
-            response = r["solution_concise"]
-        elif kind == "plain" and u < cfg["plain_styles"]["concise"] + cfg["plain_styles"]["restate"]:
-            response = restatement(r) + r["solution_student"]
+        elif kind == "plain":
+            response = plain_response(r, rng.random(), cfg["plain_styles"])
         else:
             response = r["solution_student"]
         counts[kind] += 1
