@@ -35,12 +35,16 @@ What gets built (3-digit addition with a scratchpad, `opd_cli.tasks.arith`; char
 
 Determinism: every step seeds itself from (seed, step name), runs single-threaded (results do not depend
 on the machine's core count), trains on data generated from the seed and runs in a worker process with
-pinned kernels (`PINNED_KERNELS`: ATen's AVX2 kernels, MKL's AVX2 code path), so the same seed gives the
-same weights and figures on any x86-64 CPU with AVX2. Unpinned, ATen picks its AVX-512 kernels where the
-CPU has them and the weights differ from the first step (measured: student_sft's sha256 differs between
-ATEN_CPU_CAPABILITY=avx2 and avx512 on one AMD EPYC; pinned, a build there reproduces the weights built on
-an AVX2-only EPYC bit for bit). Independent steps run in two worker processes. A step whose recipe hash
-matches the `build_info.json` in its directory is skipped (`force=True` rebuilds).
+pinned kernels (`PINNED_KERNELS`: ATen's AVX2 kernels, MKL's COMPATIBLE branch), so the same seed gives the
+same weights and figures on any x86-64 CPU with AVX2, Intel or AMD (MKL documents COMPATIBLE as its
+branch for non-Intel CPUs; the cross-vendor equality is not yet measured). Both pins are needed (measured,
+experiments/testbed.md "Kernels across CPU vendors"): unpinned, ATen picks AVX-512 kernels where the CPU
+has them, and MKL's ISA branches (MKL_CBWR=AVX2 and the like) are Intel-only: on an AMD CPU MKL runs its
+own dispatch whatever MKL_CBWR asks, so a build pinned to the AVX2 branch gave other weights on an Intel
+Xeon than on an AMD EPYC (0 of 6 files equal). COMPATIBLE (SSE2 without the approximate rcpps/rsqrtps)
+is the one branch MKL runs the same on both vendors; it costs ~1.5x the GEMM time. Independent steps run
+in two worker processes. A step whose recipe hash matches the `build_info.json` in its directory is
+skipped (`force=True` rebuilds).
 `manifest.json` records versions, the recipe hash, weight hashes and each model's measured figures.
 """
 
@@ -72,9 +76,10 @@ from opd_cli.testbed.recipe import MANIFEST_FORMAT, PRIORITY, RECIPE, config_has
 log = logging.getLogger("opd")
 
 # The kernels every build step and evaluation runs with, in a spawned worker (the variables are read when
-# torch and MKL load): ATen's AVX2 kernels and MKL's AVX2 branch of conditional numerical reproducibility.
-# Any x86-64 CPU with AVX2 then computes the same bits (AVX-512 kernels sum in another order).
-PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+# torch and MKL load): ATen's AVX2 kernels (AVX-512 ones sum in another order) and MKL's COMPATIBLE branch
+# of conditional numerical reproducibility, the only branch MKL honours on non-Intel CPUs (its AVX2 branch
+# falls back to MKL's own dispatch there). Any x86-64 CPU with AVX2 then computes the same bits.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 PINNED_CAPABILITY = "AVX2"  # torch.backends.cpu.get_cpu_capability() under PINNED_KERNELS
 
 
