@@ -288,7 +288,7 @@ def test_build_step_weights_do_not_depend_on_the_callers_kernels(tmp_path):
     import subprocess
     import sys
 
-    from opd_cli.testbed.build import PINNED_CAPABILITY
+    from opd_cli.testbed.build import PINNED_CAPABILITY, PINNED_KERNELS
 
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file() or "avx2" not in cpuinfo.read_text():
@@ -308,7 +308,8 @@ def test_build_step_weights_do_not_depend_on_the_callers_kernels(tmp_path):
         )
         assert res.returncode == 0, res.stderr[-3000:]
         results.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    assert [r["kernels"] for r in results] == [{"capability": PINNED_CAPABILITY, "MKL_CBWR": "COMPATIBLE"}] * 2
+    pinned = {"capability": PINNED_CAPABILITY, "MKL_CBWR": PINNED_KERNELS["MKL_CBWR"]}
+    assert [r["kernels"] for r in results] == [pinned] * 2
     assert results[0]["sha"] == results[1]["sha"]
 
 

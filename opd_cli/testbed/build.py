@@ -38,7 +38,7 @@ on the machine's core count), trains on data generated from the seed and runs in
 pinned kernels (`PINNED_KERNELS`: ATen's AVX2 kernels, MKL's COMPATIBLE branch), so the same seed gives the
 same weights and figures on any x86-64 CPU with AVX2, Intel or AMD (MKL documents COMPATIBLE as its
 branch for non-Intel CPUs; the cross-vendor equality is not yet measured). Both pins are needed (measured,
-experiments/testbed.md "Kernels across CPU vendors"): unpinned, ATen picks AVX-512 kernels where the CPU
+experiments/testbed.md, "Testbed v4: kernels across CPU vendors"): unpinned, ATen picks AVX-512 kernels where the CPU
 has them, and MKL's ISA branches (MKL_CBWR=AVX2 and the like) are Intel-only: on an AMD CPU MKL runs its
 own dispatch whatever MKL_CBWR asks, so a build pinned to the AVX2 branch gave other weights on an Intel
 Xeon than on an AMD EPYC (0 of 6 files equal). COMPATIBLE (SSE2 without the approximate rcpps/rsqrtps)
