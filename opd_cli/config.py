@@ -107,6 +107,10 @@ class StabilizationConfig:
     warmup_ratio: float = 0.05
     schedule: str = "cosine"
     trace_model: str | None = None  # who writes the SFT traces (source=teacher); None = teacher.path
+    # stop once the NLL of the held-out traces is at or below this (checked every eval_every steps; `steps`
+    # is then a cap): "SFT until the outputs are well formed", measured rather than guessed as a step count
+    until_nll: float | None = None
+    eval_every: int = 20
 
 
 @dataclass
@@ -306,6 +310,12 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError(problem)
     _one_of("stabilization.kind", c.stabilization.kind, ("none", "sft"))
     _one_of("stabilization.source", c.stabilization.source, ("teacher", "reference"))
+    if c.stabilization.until_nll is not None and c.stabilization.until_nll <= 0:
+        raise ConfigError(
+            f"stabilization.until_nll={c.stabilization.until_nll!r} must be > 0 (a held-out NLL per token), "
+            f"or null to train all stabilization.steps"
+        )
+    _at_least("stabilization.eval_every", c.stabilization.eval_every, 1)
     _one_of("rollout.engine", c.rollout.engine, ("vllm", "hf"))
     if not 0.0 < c.rollout.top_p <= 1.0:
         raise ConfigError(f"rollout.top_p={c.rollout.top_p!r} must be in (0, 1]")

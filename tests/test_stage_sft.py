@@ -113,6 +113,45 @@ def test_sft_then_opd(models, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("until_nll", "steps", "evaluated"),
+    [(1e-9, 10, [5, 10]), (100.0, 10, [5])],
+    ids=["never-low-enough", "low-enough-at-once"],
+)
+def test_sft_stops_once_held_out_nll_is_low_enough(models, tmp_path, until_nll, steps, evaluated):
+    """stabilization.until_nll: the held-out NLL is measured every eval_every steps and SFT stops at the
+    first evaluation at or below it; `steps` is the cap. The history and the step it stopped at are in
+    sft_stats, and the final NLL is the last one measured."""
+    run_dir = tmp_path / "run"
+    res = opd(
+        "run",
+        *base_args(
+            models,
+            "stage=sft",
+            "stabilization=sft",
+            "stabilization.source=reference",
+            f"stabilization.steps={steps}",
+            "stabilization.num_traces=32",
+            "stabilization.eval_every=5",
+            f"stabilization.until_nll={until_nll}",
+            "rollout=hf",
+            f"hydra.run.dir={run_dir}",
+        ),
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats = json.loads((run_dir / "model" / "sft_stats.json").read_text())
+    assert [s for s, _ in stats["nll_history"]] == evaluated and stats["steps"] == evaluated[-1]
+    assert stats["nll_after"] == pytest.approx(stats["nll_history"][-1][1], abs=1e-4)
+
+
+def test_until_nll_must_be_positive(models, tmp_path):
+    res = opd("run", *base_args(models, "stabilization=sft", "stabilization.until_nll=0"), cwd=tmp_path)
+    assert res.returncode == 2 and "stabilization.until_nll=0" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_sft_stage_writes_its_teacher_traces_with_vllm(tmp_path):
     """stage=sft with rollout=vllm: the trace writer (the testbed's RLVR teacher, mostly right) runs in

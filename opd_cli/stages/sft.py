@@ -165,6 +165,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
     if state is not None:
         set_rng_state(state["rng"])
         stats["nll_before"] = state["nll_before"]
+        stats["nll_history"] = [list(h) for h in state.get("nll_history", [])]
         log.info("stabilization: resumed from %s at step %d", ckpt, state["step"])
     model = load_model(ckpt or path, device, trainable=True)
     if cfg.trainer.activation_checkpointing:
@@ -180,18 +181,30 @@ def run(cfg: DictConfig, out: Path) -> dict:
     def nll() -> float:
         """Mean NLL of the held-out traces, `trainer.micro_batch_size` sequences at a time."""
         n = sum(len(r) for _, r in held_out)
-        total = 0.0
+        total, was_training = 0.0, model.training
+        model.eval()
         with torch.no_grad(), autocast(device, amp_dtype):
             for part in micro_batches(held_out, micro):
                 batch = pack([p for p, _ in part], [r for _, r in part], tokenizer.pad_token_id).to(device)
                 total += float(response_nll(model, batch, chunk, n_tokens=n)[0])
+        model.train(was_training)
         return total
 
     if state is None:
         stats["nll_before"] = nll()
 
+    until = cfg.stabilization.until_nll
+    stats.setdefault("nll_history", [])
+
+    def until_well_formed(step: int, metrics: dict) -> bool:
+        """stabilization.until_nll: stop at the first evaluation with held-out NLL <= until_nll."""
+        value = nll()
+        stats["nll_history"].append([step, round(value, 4)])
+        log.info("sft step %d held-out NLL %.4f (stops at <= %g)", step, value, until)
+        return value <= until
+
     def save(step: int, loop_state: dict) -> None:
-        extra = {"stage": "sft", "nll_before": stats["nll_before"]}
+        extra = {"stage": "sft", "nll_before": stats["nll_before"], "nll_history": stats["nll_history"]}
         save_checkpoint(ckpt_root, step, model, tokenizer, {**loop_state, **extra})
 
     final = sft_train(
@@ -205,7 +218,10 @@ def run(cfg: DictConfig, out: Path) -> dict:
         log_fn=lambda step, m: log.info("sft step %d loss %.4f", step, m["loss"]),
         on_checkpoint=save,
         start_state=state,
+        callback=until_well_formed if until is not None else None,
+        eval_every=cfg.stabilization.eval_every if until is not None else 0,
     )
+    stats["steps"] = final.get("step")
     stats["nll_after"] = nll()
     stats["final_loss"] = final.get("loss")
     log.info(
