@@ -61,8 +61,8 @@ probe: install
 	$(BIN)/opd probe teacher=large -n 200 --out experiments/probe_teacher_large.json
 	$(BIN)/opd probe teacher=rlvr -n 200 --out experiments/probe_teacher_rlvr.json
 
-# The paper's failure/fix matrix on the testbed: 14 cells x 3 seeds, MATRIX_JOBS single-threaded jobs at a
-# time, then the report (table, verdicts, plots) into experiments/matrix/. ~1 h on 2 cores.
+# The paper's failure/fix matrix on the testbed: 17 cells x 3 seeds, MATRIX_JOBS single-threaded jobs at a
+# time, then the report (table, verdicts, plots) into experiments/matrix/. ~15 min on 2 idle cores.
 MATRIX_SEEDS ?= 0,1,2
 MATRIX_JOBS ?= 2
 MATRIX_DIR := $(or $(MATRIX_DIR),multirun/matrix-$(shell date +%Y%m%d-%H%M%S))

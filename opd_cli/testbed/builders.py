@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
+from opd_cli.batching import pack, response_hidden_and_logits
 from opd_cli.io import atomic_write_json
 from opd_cli.rollout.hf_engine import HFEngine
 from opd_cli.stages.evaluate import greedy_accuracy
 from opd_cli.stages.rlvr import GRPOOptions, grpo_train
-from opd_cli.stages.sft import SFTOptions, sft_train
+from opd_cli.stages.sft import SFTOptions, prompt_ids, sft_train
 from opd_cli.tasks import make_task
 from opd_cli.tasks.arith import (
     concise_steps,
@@ -125,6 +126,21 @@ def _dev_accuracy(model, tokenizer, task, rows, recipe, messages_fn=None) -> flo
         max_new_tokens=recipe["eval"]["dev_max_new_tokens"],
         messages_fn=messages_fn,
     )["accuracy"]
+
+
+def direct_answer_mass(model, tokenizer, task, rows) -> float:
+    """The H:<answer> teacher's mean probability of answering directly (first response token `A`) on
+    `rows`: what OPSD's answer-PI teacher passes on to the student at its first token."""
+    prompts = [prompt_ids(tokenizer, opsd_messages(task, r, "hint")) for r in rows]
+    token = tokenizer.convert_tokens_to_ids("A")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _, logits = response_hidden_and_logits(model, pack(prompts, [[token]] * len(prompts), 0))
+    finally:
+        model.train(was_training)
+    return float(logits[:, 0].float().softmax(-1)[:, token].mean())
 
 
 def _sft_until(
@@ -427,6 +443,9 @@ def build_opsd_base(ctx: dict):
             if prefs[-1] < target:
                 ok = False
                 break
+        if ok and "stop_at_direct_answer" in cfg:
+            # checked last: the one figure here that is a rate, not an accuracy (it is not in the minimum)
+            ok = direct_answer_mass(model, tok, task, rows["dev"]) >= cfg["stop_at_direct_answer"]
         return ok, min(prefs)
 
     info = _sft_until(

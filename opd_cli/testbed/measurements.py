@@ -18,6 +18,7 @@ from opd_cli.tasks import make_task
 from opd_cli.testbed.builders import (
     char_tokenizer,
     deterministic,
+    direct_answer_mass,
     load,
     make_rows,
     opsd_messages,
@@ -101,12 +102,6 @@ def _prefix_continuation(model, student, tok, task, rows, recipe) -> dict:
 
 
 @torch.no_grad()
-def _first_token_mass(model, prompts: list[list[int]], token_id: int) -> float:
-    batch = pack(prompts, [[token_id]] * len(prompts), 0)
-    _, logits = response_hidden_and_logits(model, batch)
-    return float(logits[:, 0].softmax(-1)[:, token_id].mean())
-
-
 def rounded(d):
     if isinstance(d, float):
         return round(d, 4)
@@ -183,9 +178,7 @@ def evaluate_model(name: str, out_dir: str, seed: int, recipe: dict) -> dict:
                 tok.decode(s.response_ids, skip_special_tokens=True).startswith("A:") for s in direct
             ) / len(direct)
             # the probability of answering directly (first token "A"): what OPSD's teacher passes on
-            pi["hint"]["direct_answer_mass"] = _first_token_mass(
-                model, hint_prompts, tok.convert_tokens_to_ids("A")
-            )
+            pi["hint"]["direct_answer_mass"] = direct_answer_mass(model, tok, task, plain_rows)
             pi["system"] = {
                 "concise": figures["concise_with_system"],
                 "accuracy": with_sys["accuracy"],

@@ -82,7 +82,12 @@ RECIPE: dict = {
         # (each style differs from the full scratchpad at its first token)
         "formats": 2,
         "mix": {"plain": 0.1, "hint": 0.12, "solution": 0.08, "system": 0.4, "preference": 0.3},
-        "hint_direct": 0.5,
+        # this share of the hint traces answers directly (`A:<answer>`). The learned first-token mass sits
+        # well below the share (0.35 at 0.5: the hint prompt is a plain prompt plus one line), and at 0.5
+        # the greedy direct-answer rate was a coin toss of the build's kernels (69% in v3, 24% in v4, and
+        # the answer-PI cells flipped from collapses to stable with it). 0.7, with stop_at_direct_answer,
+        # keeps the mass away from that edge.
+        "hint_direct": 0.7,
         # unprompted, the model writes a plain prompt's response concise or restated this often (as an LLM
         # is sometimes brief, or restates, without being told): OPSD with a shared rule amplifies a
         # behaviour in the student's support. Without it the student has ~0 mass on the rule's first
@@ -99,19 +104,24 @@ RECIPE: dict = {
         # prefill): the teacher continues a student that did not restate, as a real model would
         "restate_switch": 0.3,
         "switch_later": 0.35,
-        "steps": 4000,
+        "steps": 5000,
         "batch_size": 32,
         "lr": 2e-3,
         "warmup_ratio": 0.02,
         "schedule": "constant",
         "eval_every": 20,
-        "eval_below_loss": 0.2,
+        # the PI behaviours are met after ~3000 steps at the earliest (loss ~0.05); dev evaluations, not
+        # training, are most of this step's time (~330 of 475 s in v4), so they start late
+        "eval_below_loss": 0.07,
         "stop_at": 0.65,
         "stop_at_system": 0.9,
         "stop_at_preference": 0.9,
         # the R:<solution> teacher writes out the reference it is given (without this check the build
         # stopped at 2760 steps with that teacher at 0.14: the solution cell would test a broken teacher)
         "stop_at_solution": 0.9,
+        # the H:<answer> teacher's mean probability of answering directly (first token `A`) on the dev
+        # prompts: the rate the answer-PI cells rest on is a stop condition, not a by-product of the kernels
+        "stop_at_direct_answer": 0.5,
     },
     "eval": {
         "max_new_tokens": 96,
