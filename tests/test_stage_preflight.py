@@ -132,7 +132,7 @@ def test_testbed_pairs_pass_with_part_b(tmp_path):
         m3 = b["mechanism_3"]
         if args:  # the answer PI: a finite, positive gap where the teacher commits (stages/pi_probe.py)
             assert m3["status"].startswith("gap to the student's optimum") and not m3["shared"], m3
-            # where the hint teacher commits to a direct answer (24% of prompts on testbed v4): None when
+            # where the hint teacher commits to a direct answer (86% of prompts on v5, 24% on v4): None when
             # it commits on none of these 6 rollouts, else finite and positive
             commits = m3["gap_where_teacher_commits"]
             assert (commits is None or 0.0 < commits < float("inf")) and m3["kl_to_no_pi"] > 0.0, m3

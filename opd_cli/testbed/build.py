@@ -22,7 +22,7 @@ What gets built (3-digit addition with a scratchpad, `opd_cli.tasks.arith`; char
   teacher_rlvr   student_sft trained by `grpo_train` (GRPO, verifier reward) to >= 95%: close to the student.
   opsd_base      2 x 64, SFT on a mixture in which some prompts carry privileged information in the OPSD
                  teacher formats of conf/teacher/self_*.yaml: a hint line (`{problem}\\nH:{answer}`; with a
-                 hint it answers directly `A:<answer>` half of the time), a reference solution in any
+                 hint it answers directly `A:<answer>` on 70% of its traces), a reference solution in any
                  valid style (`{problem}\\nR:{solution}`, written out as given), the system line
                  `S:concise` (concise scratchpad, also continued from full-style prefixes given as a
                  prefill) or a stated preference `P:msd|lsd|restate` (how the work and result are
