@@ -16,7 +16,7 @@ import math
 import statistics
 from pathlib import Path
 
-from opd_cli import rundir
+from opd_cli import rundir, verdicts
 
 WINDOW = 10  # training steps averaged at the start and at the end
 # (metric, label, format, change that counts as moved: absolute, or relative when rel=True)
@@ -57,6 +57,14 @@ def summary_lines(run_dir: str | Path, summary: dict | None = None) -> list[str]
             f"greedy accuracy{f' ({n} problems)' if n else ''}: {start:.3f} -> {final:.3f} "
             f"({final - start:+.3f}; best {best['eval/main/accuracy']:.3f} at step {best['step']})"
         )
+        if len(evals) >= 2:
+            fig = {
+                "start_accuracy": start,
+                "final_accuracy": final,
+                "best_accuracy": best["eval/main/accuracy"],
+                **verdicts.sampled_accuracy(train),
+            }
+            lines.append(f"verdict by opd report's rules: {verdicts.job_verdict(fig)}")
     if len(train) >= 2:
         w = min(WINDOW, len(train) // 2)
         head, tail = train[:w], train[-w:]
@@ -66,10 +74,13 @@ def summary_lines(run_dir: str | Path, summary: dict | None = None) -> list[str]
                 f"sampled accuracy (T=1 rollouts, first/last {w} steps): {s:.3f} -> {e:.3f} ({e - s:+.3f})"
             )
         collapsed = summary.get("collapsed_at")
+        # the online detector watches the training signals only: a run whose accuracy falls while its
+        # rollouts stay well shaped (OPSD's shortcut to direct answers) never trips it, so the verdict
+        # line below says what the accuracy did
         lines.append(
             f"collapse: at step {collapsed}"
             if collapsed is not None
-            else f"collapse: none in {len(train)} steps"
+            else f"collapse detector (truncation, top-K mass, repeats): not triggered in {len(train)} steps"
         )
         signs, moved = [], []
         for key, label, fmt, threshold, relative in SIGNS:

@@ -42,7 +42,7 @@ def test_a_collapsing_run_names_the_step_and_the_signs_that_moved(tmp_path):
     assert lines[0].startswith("opd run summary") and lines[-1] == f"results: {tmp_path / 'run'}"
     assert "greedy accuracy (200 problems): 0.665 -> 0.010 (-0.655; best 0.665 at step 0)" in text
     assert "sampled accuracy (T=1 rollouts, first/last 10 steps): 0.300 -> 0.000 (-0.300)" in text
-    assert "collapse: at step 12" in text
+    assert "collapse: at step 12" in text and "verdict by opd report's rules: collapses" in text
     assert "moved: student top-K mass, response length" in text
     mass = next(x for x in lines if x.startswith("  student top-K mass"))
     overlap = next(x for x in lines if "top-K overlap" in x)
@@ -54,6 +54,8 @@ def test_a_healthy_run_says_none_moved_and_an_empty_one_says_so(tmp_path):
     evals = [{"eval/main/accuracy": 0.6}, {"eval/main/accuracy": 0.7}]
     write_run(tmp_path / "ok", train, evals, {"collapsed_at": None})
     text = "\n".join(summary_lines(tmp_path / "ok"))
-    assert "collapse: none in 4 steps" in text and "none moved" in text and "first/last 2 steps" in text
+    assert "collapse detector (truncation, top-K mass, repeats): not triggered in 4 steps" in text
+    assert "none moved" in text and "first/last 2 steps" in text
+    assert "verdict by opd report's rules: improves" in text  # 0.6 -> 0.7
     (tmp_path / "empty").mkdir()
     assert summary_lines(tmp_path / "empty") == ["no training steps logged"]

@@ -88,7 +88,9 @@ def test_opd_run_with_vllm_rollouts_and_offline_wandb(models, tmp_path):
     tail = res.stdout.strip().splitlines()
     summary = tail[[i for i, x in enumerate(tail) if x.startswith("opd run summary")][-1] :]
     assert summary[-1] == f"results: {run_dir}", summary
-    assert any(x.startswith("greedy accuracy") for x in summary) and "collapse: none in 2 steps" in summary
+    assert any(x.startswith("greedy accuracy") for x in summary) and (
+        "collapse detector (truncation, top-K mass, repeats): not triggered in 2 steps" in summary
+    )
     output = res.stdout + res.stderr
     assert "Triton" not in output and "reduce_op" not in output and "checkpoint shards" not in output
 
