@@ -524,6 +524,8 @@ def rank_key(pred: Prediction) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------- calibration
 FIT_SEED = 0  # the thresholds above were fitted on this seed; the others are held out
+# ...of this testbed's matrix: against a later testbed's matrix every seed is a test
+FIT_MATRIX = "v3 testbed"
 
 
 def read_report(path) -> dict:
@@ -640,7 +642,7 @@ def calibration_markdown(cal: dict, command: str) -> str:
     labels = [v for v in VERDICTS]
     lines = [f"`{command}`\n"]
     for seed, s in cal["seeds"].items():
-        role = "thresholds fitted on this seed" if s["fitted"] else "held out"
+        role = f"thresholds fitted on this seed of the {FIT_MATRIX}'s matrix" if s["fitted"] else "held out"
         lines.append(f"### Seed {seed} ({role}): {s['hits']} of {s['cells']} cells right\n")
         actuals = [v for v in [*labels, *sorted(s["confusion"])] if v in s["confusion"]]
         actuals = list(dict.fromkeys(actuals))
