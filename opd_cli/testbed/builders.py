@@ -424,7 +424,8 @@ def build_opsd_base(ctx: dict):
         """Every PI behaviour is learned: S:concise (accuracy of the concise scratchpad), P:lsd (of the
         lsd-presented result), P:restate (of the restated response) and R:<solution> (of the teacher
         that writes out the reference it is given); the figure reported is the smallest. Checked in
-        that order, each only once the ones before it pass."""
+        that order, each only once the ones before it pass; then the H:<answer> teacher's direct-answer
+        mass (`stop_at_direct_answer`)."""
         acc = _dev_accuracy(
             model, tok, concise_task, concise_dev, recipe, lambda r: opsd_messages(task, r, "system")
         )
@@ -443,7 +444,7 @@ def build_opsd_base(ctx: dict):
             if prefs[-1] < target:
                 ok = False
                 break
-        if ok and "stop_at_direct_answer" in cfg:
+        if ok:
             # checked last: the one figure here that is a rate, not an accuracy (it is not in the minimum)
             ok = direct_answer_mass(model, tok, task, rows["dev"]) >= cfg["stop_at_direct_answer"]
         return ok, min(prefs)

@@ -101,7 +101,6 @@ def _prefix_continuation(model, student, tok, task, rows, recipe) -> dict:
     }
 
 
-@torch.no_grad()
 def rounded(d):
     if isinstance(d, float):
         return round(d, 4)
