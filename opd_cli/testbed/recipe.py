@@ -86,8 +86,10 @@ RECIPE: dict = {
         # well below the share (0.35 at 0.5: the hint prompt is a plain prompt plus one line), and at 0.5
         # the greedy direct-answer rate was a coin toss of the build's kernels (69% in v3, 24% in v4, and
         # the answer-PI cells flipped from collapses to stable with it). 0.7, with stop_at_direct_answer,
-        # keeps the mass away from that edge.
-        "hint_direct": 0.7,
+        # keeps the mass away from that edge. v6: 0.8 (mass 0.93), stop 0.6; trials at 0.75 / 0.85 and what
+        # the answer-PI cells did on each build: experiments/testbed.md, "Testbed v6". The mass alone does
+        # not decide that cell (a build at 0.74 did not collapse, one at 0.65 did).
+        "hint_direct": 0.8,
         # unprompted, the model writes a plain prompt's response concise or restated this often (as an LLM
         # is sometimes brief, or restates, without being told): OPSD with a shared rule amplifies a
         # behaviour in the student's support. Without it the student has ~0 mass on the rule's first
@@ -121,7 +123,7 @@ RECIPE: dict = {
         "stop_at_solution": 0.9,
         # the H:<answer> teacher's mean probability of answering directly (first token `A`) on the dev
         # prompts: the rate the answer-PI cells rest on is a stop condition, not a by-product of the kernels
-        "stop_at_direct_answer": 0.5,
+        "stop_at_direct_answer": 0.6,
     },
     "eval": {
         "max_new_tokens": 96,
