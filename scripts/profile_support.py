@@ -16,7 +16,6 @@ own probability of it, so it gets there only where the student gives that mixtur
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
@@ -37,31 +36,39 @@ def response_probs(model, tok, messages, response: str) -> tuple[torch.Tensor, i
     return logits[0].float().softmax(-1), start
 
 
+def result(row: dict) -> str:
+    """The row's sum as the student presents it (msd first)."""
+    return str(row["a"] + row["b"])
+
+
 def main(argv: list[str]) -> int:
-    torch.manual_seed(0)
-    directory = Path(argv[0]) if argv else testbed_dir(None)
+    directory = testbed_dir(argv[0] if argv else None)
     model, tok = load(directory / "opsd_base"), char_tokenizer()
     task = make_task("arith", digits=3, rule="profile")
-    rows = [
-        r
-        for r in task.generate(400, 12345)
-        if len(str(r["a"] + r["b"])) == 3 and str(r["a"] + r["b"])[0] != str(r["a"] + r["b"])[2]
-    ][:200]
+    rows = [r for r in task.generate(400, 12345) if len(result(r)) == 3 and result(r)[0] != result(r)[2]][
+        :200
+    ]
     tid = tok.convert_tokens_to_ids
-    figures: dict[str, list[float]] = {k: [] for k in ("s_first", "s_third", "t_first", "t_follows", "t_keeps")}
+    figures: dict[str, list[float]] = {
+        k: [] for k in ("s_first", "s_third", "t_first", "t_follows", "t_keeps")
+    }
     for r in rows:
-        d1, _, d3 = str(r["a"] + r["b"])
-        response = _join(student_steps(r["a"], r["b"]), str(r["a"] + r["b"]))
+        d1, _, d3 = result(r)
+        response = _join(student_steps(r["a"], r["b"]), result(r))
         p, i = response_probs(model, tok, opsd_messages(task, r, "plain"), response)
         figures["s_first"].append(float(p[i, tid(d3)]))
         figures["s_third"].append(float(p[i + 2, tid(d1)]))
-        t, i = response_probs(model, tok, opsd_messages(task, {**r, "system_prompt": "lsd"}, "preference"), response)
+        t, i = response_probs(
+            model, tok, opsd_messages(task, {**r, "system_prompt": "lsd"}, "preference"), response
+        )
         figures["t_first"].append(float(t[i, tid(d3)]))
         figures["t_follows"].append(float(t[i + 2, tid(d3)]))
         figures["t_keeps"].append(float(t[i + 2, tid(d1)]))
     m = {k: sum(v) / len(v) for k, v in figures.items()}
     print(f"testbed {directory} ({len(rows)} profile prompts, the student's msd response)")
-    print(f"  student: p(lsd first digit) {m['s_first']:.4f}; p(d1 as the third digit after A:d1d2) {m['s_third']:.4f}")
+    print(
+        f"  student: p(lsd first digit) {m['s_first']:.4f}; p(d1 as the third digit after A:d1d2) {m['s_third']:.4f}"
+    )
     print(
         f"  P:lsd teacher: p(lsd first digit) {m['t_first']:.3f}; after the student's A:d1d2, "
         f"p(d3: follows the student) {m['t_follows']:.3f}, p(d1: keeps lsd by position) {m['t_keeps']:.3f}"

@@ -104,7 +104,8 @@ def test_manifest_targets(manifest):
         assert opsd["with_pi"][pref]["follows"] > 0.85 and opsd["with_pi"][pref]["accuracy"] > 0.85
     assert opsd["with_pi"]["solution"]["accuracy"] > 0.85
     # with the answer as a hint it skips the reasoning more often than not (the build stops on a dev mass
-    # >= 0.6: the answer-PI cells rest on it, and at 0.35 in v4 they did not collapse)
+    # >= stop_at_direct_answer, 0.6; at 0.35 in v4 the answer-PI cells did not collapse, though a high mass
+    # alone does not make them collapse: experiments/testbed.md, "Testbed v6")
     assert opsd["with_pi"]["hint"]["direct_answer_mass"] > 0.55
     assert opsd["with_pi"]["hint"]["direct_answer_rate"] > 0.5
     # the RLVR-adapted PI teacher is at least as strong without PI and still reads the hint

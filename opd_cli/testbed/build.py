@@ -30,7 +30,7 @@ What gets built (3-digit addition with a scratchpad, `opd_cli.tasks.arith`; char
                  scratchpad under `S:concise` and the lsd and restate presentations under `P:` are each
                  >= 90% accurate on the dev set (stronger than student_sft: at this size those are learned
                  much later than the plain scratchpad) and the hint teacher's mean probability of
-                 answering directly is >= 0.5 (the answer-PI cells rest on it).
+                 answering directly reaches the recipe's `stop_at_direct_answer`.
   opsd_rlvr      opsd_base trained by `grpo_train` on plain prompts: the RLVR-adapted PI teacher
                  (conf/teacher/rlvr_answer.yaml), stronger without PI and still reading the hint line.
 
