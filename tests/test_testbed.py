@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -275,8 +276,8 @@ from opd_cli.testbed.recipe import RECIPE, file_sha256
 recipe = copy.deepcopy(RECIPE)
 recipe["student_sft"].update(steps=6, eval_every=1000)
 out = sys.argv[1]
-kernels = build._run_jobs({"k": (build.worker_kernels, (), ())}, 1, False, "kernels", with_queue=False)["k"]
-build._run_jobs({"student_sft": (run_step, ("student_sft", out, 0, recipe, True), ())}, 1, False, "build", True)
+kernels = build._run_jobs({"k": (build.worker_kernels, (), (), False)}, 1, False)[0]["k"]
+build._run_jobs({"student_sft": (run_step, ("student_sft", out, 0, recipe, True), (), True)}, 1, False)
 print(json.dumps({"kernels": kernels, "sha": file_sha256(__import__("pathlib").Path(out) / "student_sft" / "model.safetensors")}))
 """
 
@@ -313,6 +314,44 @@ def test_build_step_weights_do_not_depend_on_the_callers_kernels(tmp_path):
     pinned = {"capability": PINNED_CAPABILITY, "MKL_CBWR": PINNED_KERNELS["MKL_CBWR"]}
     assert [r["kernels"] for r in results] == [pinned] * 2
     assert results[0]["sha"] == results[1]["sha"]
+
+
+def _mark(done: str, needs: tuple = (), wait_for: str | None = None) -> bool:
+    """A pool job: waits (up to 120 s) for the file `wait_for` when given, then writes `done`; returns
+    whether every file in `needs` (jobs that must have finished first) and `wait_for` existed."""
+    deadline = time.monotonic() + 120
+    while wait_for is not None and not Path(wait_for).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ok = all(Path(n).exists() for n in needs) and (wait_for is None or Path(wait_for).exists())
+    Path(done).write_text("")
+    return ok
+
+
+def test_run_jobs_runs_evaluations_beside_build_steps(tmp_path):
+    """The build pool: a job starts only once the jobs it depends on have finished, and a job whose
+    dependencies are done runs on a free worker while another job still runs (here `slow` only finishes
+    once `after_fast`, which needs `fast`, has run beside it: with one worker busy on `slow` it would
+    wait 120 s and report False)."""
+    from opd_cli.testbed import build
+
+    f = {n: str(tmp_path / n) for n in ("slow", "fast", "after_fast", "last")}
+    jobs = {
+        "slow": (_mark, (f["slow"], (), f["after_fast"]), (), False),
+        "fast": (_mark, (f["fast"],), (), False),
+        "after_fast": (_mark, (f["after_fast"], (f["fast"],)), ("fast",), False),
+        "last": (_mark, (f["last"], (f["slow"], f["after_fast"])), ("slow", "after_fast"), False),
+    }
+    results, finished = build._run_jobs(jobs, 2, False)
+    assert results == dict.fromkeys(jobs, True)
+    assert finished["fast"] <= finished["after_fast"]
+    assert max(finished["slow"], finished["after_fast"]) <= finished["last"]
+
+
+def test_run_jobs_refuses_a_job_whose_dependency_never_runs():
+    from opd_cli.testbed import build
+
+    with pytest.raises(RuntimeError, match="never run"):
+        build._run_jobs({"a": (_mark, ("unused",), ("missing",), False)}, 2, False)
 
 
 def test_pinned_environment_restores_the_callers(monkeypatch):

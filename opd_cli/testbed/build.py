@@ -43,8 +43,10 @@ experiments/testbed.md, "Testbed v4: kernels across CPU vendors"): unpinned, ATe
 has them, and MKL's ISA branches (MKL_CBWR=AVX2 and the like) are Intel-only: on an AMD CPU MKL runs its
 own dispatch whatever MKL_CBWR asks, so a build pinned to the AVX2 branch gave other weights on an Intel
 Xeon than on an AMD EPYC (0 of 6 files equal). COMPATIBLE (SSE2 without the approximate rcpps/rsqrtps)
-is the one branch MKL runs the same on both vendors; it costs ~1.5x the GEMM time. Independent steps run
-in two worker processes. A step whose recipe hash matches the `build_info.json` in its directory is
+is the one branch MKL runs the same on both vendors; it costs ~1.5x the GEMM time. Build steps and the
+models' evaluations share one pool of two worker processes: a step starts as soon as its parent is
+built, a model's evaluation as soon as it and student_sft are built and no step is waiting for a worker
+(the evaluations no longer wait for the last step). A step whose recipe hash matches the `build_info.json` in its directory is
 skipped (`force=True` rebuilds).
 `manifest.json` records versions, the recipe hash, weight hashes and each model's measured figures.
 """
@@ -82,6 +84,7 @@ log = logging.getLogger("opd")
 # falls back to MKL's own dispatch there). Any x86-64 CPU with AVX2 then computes the same bits.
 PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 PINNED_CAPABILITY = "AVX2"  # torch.backends.cpu.get_cpu_capability() under PINNED_KERNELS
+EVAL = "eval "  # the pool's name for a model's evaluation job: EVAL + model name
 
 
 def kernels_pinned() -> bool:
@@ -177,14 +180,21 @@ def build_testbed(
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     t0 = time.perf_counter()
     data = write_data(out, recipe, seed)
-    built = _run_jobs(
-        {n: (run_step, (n, str(out), seed, recipe, force), parents_of(n, recipe)) for n in PRIORITY},
-        workers,
-        progress,
-        "build",
-        with_queue=True,
-    )
-    build_seconds = time.perf_counter() - t0
+    # One pool for the build steps and the evaluations: a model is evaluated as soon as it (and
+    # student_sft, whose rollouts every evaluation scores) is built, on a worker no build step is ready
+    # for, instead of after the last step. Steps come first in the dict, so a ready step goes first.
+    jobs = {n: (run_step, (n, str(out), seed, recipe, force), parents_of(n, recipe), True) for n in PRIORITY}
+    for n in MODEL_NAMES:
+        jobs[EVAL + n] = (
+            evaluate_model,
+            (n, str(out), seed, recipe),
+            tuple(dict.fromkeys((n, "student_sft"))),
+            False,
+        )
+    results, finished = _run_jobs(jobs, workers, progress)
+    built = {n: results[n] for n in MODEL_NAMES}
+    evals = {n: results[EVAL + n] for n in MODEL_NAMES}
+    build_seconds = max(finished[n] for n in MODEL_NAMES) - t0
     capabilities = sorted({i.get("cpu_capability") or "?" for i in built.values() if not i.get("skipped")})
     if any(c != PINNED_CAPABILITY for c in capabilities if c != "?"):
         log.warning(
@@ -193,13 +203,6 @@ def build_testbed(
             ",".join(capabilities),
             PINNED_CAPABILITY,
         )
-    evals = _run_jobs(
-        {n: (evaluate_model, (n, str(out), seed, recipe), ()) for n in MODEL_NAMES},
-        workers,
-        progress,
-        "evaluate",
-        with_queue=False,
-    )
     models = {}
     for name in MODEL_NAMES:
         info, figures = built[name], evals[name]
@@ -252,17 +255,18 @@ def _models_intact(out: Path, manifest: dict) -> bool:
     return True
 
 
-def _run_jobs(jobs: dict[str, tuple], workers: int, progress: bool, title: str, with_queue: bool) -> dict:
-    """Run jobs {name: (fn, args, names it depends on)} in dict order as their dependencies finish, in up
-    to `workers` processes spawned with PINNED_KERNELS (one worker in a process that already runs with
-    them: in this process); with_queue passes each job a progress queue as last argument. Returns
-    {name: result}."""
+def _run_jobs(jobs: dict[str, tuple], workers: int, progress: bool) -> tuple[dict, dict]:
+    """Run jobs {name: (fn, args, names it depends on, wants_queue)}: whenever a worker is free, the first
+    job in dict order whose dependencies have finished starts on it (never more jobs in the pool than
+    workers, so dict order is the priority). Up to `workers` processes spawned with PINNED_KERNELS (one
+    worker in a process that already runs with them: in this process); a job with wants_queue gets a
+    progress queue as last argument. Returns ({name: result}, {name: time.perf_counter() at its end})."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(file=sys.stderr)
     bars = Progress(
-        TextColumn("[bold]{task.description:<14}"),
+        TextColumn("[bold]{task.description:<20}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -275,50 +279,70 @@ def _run_jobs(jobs: dict[str, tuple], workers: int, progress: bool, title: str, 
 
     def show(event) -> None:
         name, completed, total, info = event
+        label = name if name.startswith(EVAL) else f"build {name}"
         if name not in ids:
-            ids[name] = bars.add_task(f"{title} {name}", total=total, info="")
+            ids[name] = bars.add_task(label, total=total, info="")
         bars.update(ids[name], completed=completed, total=total, info=info)
         if progress and bars.disable and info and (completed == total or completed % 100 == 0):
-            log.info("%s %s: %d/%d %s", title, name, completed, total, info)
+            log.info("%s: %d/%d %s", label, completed, total, info)
 
     results: dict = {}
+    finished: dict = {}
+
+    def ready() -> list[str]:
+        return [
+            n for n, (_, _, deps, _) in jobs.items() if n not in results and all(d in results for d in deps)
+        ]
+
+    def finish(name: str, result, started: float) -> None:
+        results[name], finished[name] = result, time.perf_counter()
+        if not jobs[name][3]:
+            show((name, 1, 1, f"done in {finished[name] - started:.0f}s"))
+
     with bars:
         if workers <= 1 and kernels_pinned():
             direct = type("DirectQueue", (), {"put": staticmethod(show)})()
             while len(results) < len(jobs):
-                name = next(
-                    n
-                    for n, (_, _, deps) in jobs.items()
-                    if n not in results and all(d in results for d in deps)
-                )
-                fn, args, _ = jobs[name]
-                results[name] = fn(*args, direct) if with_queue else fn(*args)
-            return results
+                name = ready()[0]
+                fn, args, _, wants_queue = jobs[name]
+                started = time.perf_counter()
+                finish(name, fn(*args, direct) if wants_queue else fn(*args), started)
+            return results, finished
         ctx = mp.get_context("spawn")
+        workers = max(workers, 1)
         with (
             pinned_environment(),
             ctx.Manager() as manager,
-            cf.ProcessPoolExecutor(max(workers, 1), mp_context=ctx) as pool,
+            cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool,
         ):
             q = manager.Queue()
-            running: dict = {}
+            running: dict = {}  # future -> (name, start time)
             while len(results) < len(jobs):
-                for name, (fn, args, deps) in jobs.items():
-                    if (
-                        name not in results
-                        and name not in running.values()
-                        and all(d in results for d in deps)
-                    ):
-                        running[pool.submit(fn, *args, q) if with_queue else pool.submit(fn, *args)] = name
+                started_names = {n for n, _ in running.values()}
+                for name in ready():
+                    if len(running) >= workers:
+                        break
+                    if name in started_names:
+                        continue
+                    fn, args, _, wants_queue = jobs[name]
+                    future = pool.submit(fn, *args, q) if wants_queue else pool.submit(fn, *args)
+                    running[future] = (name, time.perf_counter())
+                    if not wants_queue:
+                        show((name, 0, 1, "running"))
+                if not running:
+                    raise RuntimeError(
+                        f"testbed jobs wait on dependencies that never run: {sorted(set(jobs) - set(results))}"
+                    )
                 done, _ = cf.wait(list(running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
                 for future in done:
-                    results[running.pop(future)] = future.result()
+                    name, started = running.pop(future)
+                    finish(name, future.result(), started)
                 while True:
                     try:
                         show(q.get_nowait())
                     except queue_mod.Empty:
                         break
-    return results
+    return results, finished
 
 
 def ensure_testbed(directory: str | os.PathLike | None = None) -> Path:
