@@ -216,7 +216,11 @@ def test_final_carry_answers():
 
 def test_concise_rule_checker():
     row = _row(347, 285, rule="concise")
-    good = ["=12;=13;=06;A:632", "=99;=99;=99;A:1", "=00;=00;=00;A:0632"]  # format only: digits are not checked
+    good = [
+        "=12;=13;=06;A:632",
+        "=99;=99;=99;A:1",
+        "=00;=00;=00;A:0632",
+    ]  # format only: digits are not checked
     bad = [
         "",
         "=12;=13;A:632",  # too few groups

@@ -555,7 +555,9 @@ def format_pi_dependence(result: dict) -> str:
         "path: on {prompts} prompts the PI teacher is right {teacher_accuracy:.3f} (length {teacher_mean_length:.1f}), "
         "the student {student_accuracy:.3f} (length {student_mean_length:.1f}); the student, without the PI, "
         "continuing the first {share:.0%} of the teacher's response ({example!r}): {student_on_teacher_path:.3f} "
-        "(drop {drop:+.3f})".format(share=path["prefix_share"], example=path["teacher_prefix_example"], **path),
+        "(drop {drop:+.3f})".format(
+            share=path["prefix_share"], example=path["teacher_prefix_example"], **path
+        ),
         f"alignment: the student's prompt scored as a teacher reproduces its rollouts' log-probs within "
         f"{result['alignment_max_abs_logprob_diff']:.1e}; wall time {result['wall_s']:.1f} s",
     ]

@@ -508,7 +508,9 @@ def measured(rec: dict) -> str:
         if m3.get(key) is not None:
             parts.append(f"{label} {m3[key]:.2g}")
     if m3.get("path"):
-        parts.append(f"path drop {m3['path']['drop']:+.2f} (PI teacher right {m3['path']['teacher_accuracy']:.2f})")
+        parts.append(
+            f"path drop {m3['path']['drop']:+.2f} (PI teacher right {m3['path']['teacher_accuracy']:.2f})"
+        )
     if b.get("teacher_readiness"):
         parts.append(f"teacher's kept SFT traces ~{b['teacher_readiness']['expected_kept_traces']:.0f}")
     return ", ".join(parts)
