@@ -37,8 +37,11 @@ What gets built (3-digit addition with a scratchpad, `opd_cli.tasks.arith`; char
 Determinism: every step seeds itself from (seed, step name), runs single-threaded (results do not depend
 on the machine's core count), trains on data generated from the seed and runs in a worker process with
 pinned kernels (`PINNED_KERNELS`: ATen's AVX2 kernels, MKL's COMPATIBLE branch), so the same seed gives the
-same weights and figures on any x86-64 CPU with AVX2, Intel or AMD (MKL documents COMPATIBLE as its
-branch for non-Intel CPUs; the cross-vendor equality is not yet measured). Both pins are needed (measured,
+same weights and figures on every CPU of one vendor with AVX2, whatever its own best kernels (measured on
+Intel Xeons across sessions, and between two builds on an AMD EPYC). Not across vendors: a `--force`
+build on an AMD EPYC (Zen 4) gave none of the six Intel-built shipped files, although MKL ran its
+COMPATIBLE branch there (experiments/testbed.md, "Thirteenth session"; scripts/kernel_fingerprint.py
+hashes each op to find the one that differs). Both pins are needed (measured,
 experiments/testbed.md, "Testbed v4: kernels across CPU vendors"): unpinned, ATen picks AVX-512 kernels where the CPU
 has them, and MKL's ISA branches (MKL_CBWR=AVX2 and the like) are Intel-only: on an AMD CPU MKL runs its
 own dispatch whatever MKL_CBWR asks, so a build pinned to the AVX2 branch gave other weights on an Intel
