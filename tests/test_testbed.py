@@ -364,3 +364,63 @@ def test_pinned_environment_restores_the_callers(monkeypatch):
     with build.pinned_environment():
         assert {k: os.environ[k] for k in build.PINNED_KERNELS} == build.PINNED_KERNELS
     assert os.environ["MKL_CBWR"] == "AUTO" and "ATEN_CPU_CAPABILITY" not in os.environ
+
+
+def test_sft_until_checks_first_and_stops_at_the_same_step(monkeypatch):
+    """extra_first (opsd_base's order: its PI checks, then the plain dev accuracy only when they pass) must
+    stop where the plain-first order stops, with the same weights: the build's --force reproduction
+    rests on it. The two figures are stood in by pseudo-random functions of the weights (a tiny model's
+    greedy accuracy is 0 for hundreds of steps), so both orders meet bands they pass and fail."""
+    from opd_cli.testbed import builders
+    from opd_cli.testbed.builders import _sft_until, char_tokenizer, new_model
+
+    def figure(model, salt: int) -> float:
+        norm = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters())
+        return (norm * salt) % 1.0
+
+    tok = char_tokenizer()
+    task = make_task("arith", digits=3)
+    rows = task.generate(64, 0)
+    examples = [(task.messages(r), r["solution"]) for r in rows]
+    cfg = {
+        "steps": 40,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "warmup_ratio": 0.0,
+        "schedule": "constant",
+        "eval_every": 1,
+        "eval_below_loss": 100.0,
+        "stop_at": 0.4,
+        "stop_below": 0.9,
+    }
+    runs = {}
+    for extra_first in (False, True):
+        model = new_model(RECIPE, "student", len(tok), 0)
+        calls = {"plain": 0}
+
+        def plain(m, *args, model=model, calls=calls, **kwargs):
+            calls["plain"] += 1
+            return figure(model, 7919)
+
+        monkeypatch.setattr(builders, "_dev_accuracy", plain)
+        info = _sft_until(
+            model,
+            tok,
+            examples,
+            task,
+            rows[:4],
+            cfg,
+            RECIPE,
+            0,
+            lambda *a: None,
+            extra_check=lambda model=model: (figure(model, 104729) > 0.8, figure(model, 104729)),
+            extra_first=extra_first,
+        )
+        weights = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+        runs[extra_first] = (info, weights, calls["plain"])
+    (plain_first, w0, n0), (checks_first, w1, n1) = runs[False], runs[True]
+    # the stand-ins stop the run before its cap, after evaluations where one of them failed
+    assert 1 < plain_first["steps"] < cfg["steps"]
+    assert checks_first["steps"] == plain_first["steps"] and w1 == w0
+    assert checks_first["dev_accuracy"] == plain_first["dev_accuracy"]
+    assert n1 < n0 and any(h[1] is None for h in checks_first["dev_history"])
