@@ -424,3 +424,19 @@ def test_sft_until_checks_first_and_stops_at_the_same_step(monkeypatch):
     assert checks_first["steps"] == plain_first["steps"] and w1 == w0
     assert checks_first["dev_accuracy"] == plain_first["dev_accuracy"]
     assert n1 < n0 and any(h[1] is None for h in checks_first["dev_history"])
+
+
+def test_unmet_stops_names_a_step_that_ran_to_its_cap():
+    """A --force build on another CPU vendor ran teacher_rlvr to its 200-step cap at dev 0.825 (its
+    stop is 0.97) without a word; the build now warns. The shipped build has no such step."""
+    from opd_cli.testbed.build import unmet_stops
+
+    shipped = json.loads((paths.ASSETS_DIR / paths.MANIFEST).read_text())
+    built = {n: {"train": m["train"]} for n, m in shipped["models"].items()}
+    assert unmet_stops(built, RECIPE) == []
+    cap = RECIPE["teacher_rlvr"]["steps"]
+    built["teacher_rlvr"] = {"train": {"steps": cap, "dev_accuracy": 0.825}}
+    built["student_base"] = {"train": {"steps": RECIPE["student_base"]["steps"]}}  # no stop condition
+    built["opsd_base"] = {"train": {"steps": RECIPE["opsd_base"]["steps"]}, "skipped": True}
+    (line,) = unmet_stops(built, RECIPE)
+    assert "teacher_rlvr" in line and f"cap of {cap}" in line and "0.825" in line
