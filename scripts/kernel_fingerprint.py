@@ -18,29 +18,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import sys
 from pathlib import Path
 
 
 def _sha(t) -> str:
     return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def _cpu() -> str:
-    """Vendor, model name and the widest vector ISA the CPU reports (cpuinfo's first processor)."""
-    try:
-        fields = dict(
-            (k.strip(), v.strip())
-            for k, _, v in (line.partition(":") for line in Path("/proc/cpuinfo").read_text().splitlines())
-            if k.strip() in ("vendor_id", "model name", "cpu family", "model", "flags")
-        )
-    except OSError:
-        return platform.processor() or "?"
-    flags = set(fields.get("flags", "").split())
-    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
-    family = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
-    return f"{fields.get('vendor_id', '?')} {fields.get('model name', '?')} ({family}, {isa})"
 
 
 def fingerprint() -> dict:
@@ -94,6 +77,7 @@ def fingerprint() -> dict:
         opt.step()
     out["adamw (3 steps)"] = _sha(p)
 
+    from opd_cli.testbed.build import cpu_description
     from opd_cli.testbed.builders import char_tokenizer, new_model
     from opd_cli.testbed.recipe import RECIPE
 
@@ -115,7 +99,7 @@ def fingerprint() -> dict:
             b"".join(t.detach().numpy().tobytes() for t in model.state_dict().values())
         ).hexdigest()[:16]
     return {
-        "cpu": _cpu(),
+        "cpu": cpu_description(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "MKL_CBWR": os.environ.get("MKL_CBWR"),
         "torch": torch.__version__,

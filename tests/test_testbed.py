@@ -440,3 +440,14 @@ def test_unmet_stops_names_a_step_that_ran_to_its_cap():
     built["opsd_base"] = {"train": {"steps": RECIPE["opsd_base"]["steps"]}, "skipped": True}
     (line,) = unmet_stops(built, RECIPE)
     assert "teacher_rlvr" in line and f"cap of {cap}" in line and "0.825" in line
+
+
+def test_status_says_where_the_testbed_was_built():
+    from opd_cli.testbed.cli import built_on_line
+
+    amd = "AuthenticAMD AMD EPYC (family 25 model 17, avx512f)"
+    intel = "GenuineIntel Intel(R) Xeon(R) (family 6 model 143, avx512f)"
+    line = built_on_line({"kernels": {"cpu": intel}}, here=amd)
+    assert "built on: GenuineIntel" in line and "another CPU vendor" in line
+    assert "another CPU vendor" not in built_on_line({"kernels": {"cpu": amd}}, here=amd)
+    assert "not recorded" in built_on_line({"kernels": {}}, here=amd)

@@ -97,6 +97,30 @@ def kernels_pinned() -> bool:
     )
 
 
+def cpu_description() -> str:
+    """This machine's CPU as `<vendor_id> <model name> (family F model M, <widest ISA>)` from
+    /proc/cpuinfo: builds reproduce bit for bit within a CPU vendor, not across (experiments/testbed.md),
+    so the manifest records where it was built."""
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine() or "unknown"
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("vendor_id", "model name", "cpu family", "model", "flags") and key not in fields:
+            fields[key] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+    return (
+        f"{fields.get('vendor_id', '?')} {fields.get('model name', '?')} "
+        f"(family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {isa})"
+    )
+
+
 def worker_kernels() -> dict:
     """The kernels this process computes with (what a build worker reports)."""
     return {"capability": torch.backends.cpu.get_cpu_capability(), "MKL_CBWR": os.environ.get("MKL_CBWR")}
@@ -237,7 +261,7 @@ def build_testbed(
             "skipped": sorted(n for n in MODEL_NAMES if built[n].get("skipped")),
             "workers": workers,
         },
-        "kernels": {**PINNED_KERNELS, "capability": capabilities},
+        "kernels": {**PINNED_KERNELS, "capability": capabilities, "cpu": cpu_description()},
     }
     atomic_write_json(out / MANIFEST, manifest)
     log.info("testbed built at %s in %.0fs", out, manifest["timing"]["total_seconds"])

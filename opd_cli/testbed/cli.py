@@ -101,4 +101,20 @@ def format_manifest(manifest: dict) -> str:
         f"\nseed {manifest.get('seed')}, config {str(manifest.get('config_hash'))[:12]}, "
         f"build {timing.get('total_seconds', '?')} s, torch {manifest['versions'].get('torch')}"
     )
+    lines.append(built_on_line(manifest))
     return "\n".join(lines)
+
+
+def built_on_line(manifest: dict, here: str | None = None) -> str:
+    """Where the testbed was built, against this CPU: a `--force` rebuild reproduces the weights within a
+    CPU vendor, not across vendors (experiments/testbed.md, "Thirteenth session")."""
+    from opd_cli.testbed.build import cpu_description
+
+    here = here or cpu_description()
+    built = manifest.get("kernels", {}).get("cpu")
+    if not built:
+        return f"built on: not recorded (manifests before the thirteenth session); this CPU: {here}"
+    line = f"built on: {built}; this CPU: {here}"
+    if built.split(" ", 1)[0] != here.split(" ", 1)[0]:
+        line += " (another CPU vendor: `opd testbed build --force` here gives other weights)"
+    return line
