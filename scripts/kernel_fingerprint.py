@@ -26,6 +26,12 @@ def _sha(t) -> str:
     return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def _state_sha(model) -> str:
+    return hashlib.sha256(
+        b"".join(t.detach().numpy().tobytes() for t in model.state_dict().values())
+    ).hexdigest()[:16]
+
+
 def fingerprint() -> dict:
     """{op: sha256 prefix} for the ops a testbed SFT step runs, then for whole SFT steps of the student."""
     import os
@@ -83,21 +89,16 @@ def fingerprint() -> dict:
 
     tok = char_tokenizer()
     model = new_model(RECIPE, "student", len(tok), 0)
-    out["student init"] = hashlib.sha256(
-        b"".join(t.detach().numpy().tobytes() for t in model.state_dict().values())
-    ).hexdigest()[:16]
+    out["student init"] = _state_sha(model)
     ids = torch.randint(3, len(tok), (32, 40), generator=g)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for step in (1, 2, 10):
-        while getattr(model, "_fp_steps", 0) < step:
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            model._fp_steps = getattr(model, "_fp_steps", 0) + 1
-        out[f"student after {step} SFT steps"] = hashlib.sha256(
-            b"".join(t.detach().numpy().tobytes() for t in model.state_dict().values())
-        ).hexdigest()[:16]
+    for step in range(1, 11):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in (1, 2, 10):
+            out[f"student after {step} SFT steps"] = _state_sha(model)
     return {
         "cpu": cpu_description(),
         "capability": torch.backends.cpu.get_cpu_capability(),

@@ -398,9 +398,9 @@ def test_sft_until_checks_first_and_stops_at_the_same_step(monkeypatch):
         model = new_model(RECIPE, "student", len(tok), 0)
         calls = {"plain": 0}
 
-        def plain(m, *args, model=model, calls=calls, **kwargs):
+        def plain(m, *args, calls=calls, **kwargs):
             calls["plain"] += 1
-            return figure(model, 7919)
+            return figure(m, 7919)
 
         monkeypatch.setattr(builders, "_dev_accuracy", plain)
         info = _sft_until(

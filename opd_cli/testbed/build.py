@@ -46,11 +46,11 @@ experiments/testbed.md, "Testbed v4: kernels across CPU vendors"): unpinned, ATe
 has them, and MKL's ISA branches (MKL_CBWR=AVX2 and the like) are Intel-only: on an AMD CPU MKL runs its
 own dispatch whatever MKL_CBWR asks, so a build pinned to the AVX2 branch gave other weights on an Intel
 Xeon than on an AMD EPYC (0 of 6 files equal). COMPATIBLE (SSE2 without the approximate rcpps/rsqrtps)
-is the one branch MKL runs the same on both vendors; it costs ~1.5x the GEMM time. Build steps and the
-models' evaluations share one pool of two worker processes: a step starts as soon as its parent is
-built, a model's evaluation as soon as it and student_sft are built and no step is waiting for a worker
-(the evaluations no longer wait for the last step). A step whose recipe hash matches the `build_info.json` in its directory is
-skipped (`force=True` rebuilds).
+is the one branch MKL honours on both vendors (it is not enough for equal bits across them, above); it
+costs ~1.5x the GEMM time. Build steps and the models' evaluations share one pool of two worker
+processes: a step starts as soon as its parent is built, a model's evaluation as soon as it and
+student_sft are built and no step is waiting for a worker. A step whose recipe hash matches the
+`build_info.json` in its directory is skipped (`force=True` rebuilds).
 `manifest.json` records versions, the recipe hash, weight hashes and each model's measured figures.
 """
 
@@ -84,7 +84,8 @@ log = logging.getLogger("opd")
 # The kernels every build step and evaluation runs with, in a spawned worker (the variables are read when
 # torch and MKL load): ATen's AVX2 kernels (AVX-512 ones sum in another order) and MKL's COMPATIBLE branch
 # of conditional numerical reproducibility, the only branch MKL honours on non-Intel CPUs (its AVX2 branch
-# falls back to MKL's own dispatch there). Any x86-64 CPU with AVX2 then computes the same bits.
+# falls back to MKL's own dispatch there). CPUs of one vendor with AVX2 then compute the same bits; an AMD
+# and an Intel CPU do not (measured, experiments/testbed.md, "Thirteenth session").
 PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 PINNED_CAPABILITY = "AVX2"  # torch.backends.cpu.get_cpu_capability() under PINNED_KERNELS
 EVAL = "eval "  # the pool's name for a model's evaluation job: EVAL + model name
@@ -215,7 +216,7 @@ def build_testbed(
         jobs[EVAL + n] = (
             evaluate_model,
             (n, str(out), seed, recipe),
-            tuple(dict.fromkeys((n, "student_sft"))),
+            (n,) if n == "student_sft" else (n, "student_sft"),
             False,
         )
     results, finished = _run_jobs(jobs, workers, progress)

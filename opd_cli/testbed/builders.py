@@ -339,7 +339,7 @@ def build_teacher_rlvr(ctx: dict, name: str = "teacher_rlvr", parent: str = "stu
     return model, {
         "steps": metrics["step"],
         "reward": metrics["reward"],
-        "dev_accuracy": next((h[1] for h in reversed(history) if h[1] is not None), None),
+        "dev_accuracy": history[-1][1] if history else None,
         "dev_history": history,
     }
 
