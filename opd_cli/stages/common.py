@@ -34,6 +34,7 @@ def task_options(task_cfg) -> dict:
             "digits": task_cfg.digits,
             "rule": task_cfg.rule,
             "reference": task_cfg.get("reference", "student"),
+            "profiles": task_cfg.get("profiles"),
         }
     if task_cfg.name == "math":
         return {

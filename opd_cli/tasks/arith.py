@@ -50,7 +50,9 @@ from opd_cli.tasks.base import Row, Task
 REVISION_TOKEN = "W;"
 MIN_DIGITS, MAX_DIGITS = 1, 8
 RULES = (None, "concise", "lsd", "profile", "restate")
-PREFERENCES = ("msd", "lsd")  # how the result is presented (the profile rule draws one per row)
+PREFERENCES = ("msd", "lsd")  # how the result is presented
+# what a per-user profile (rule "profile") may prefer; `profiles` picks the set each row draws from
+PROFILE_PREFERENCES = ("msd", "lsd", "restate")
 REFERENCES = ("student", "any")
 # characters of the task (and of the pretraining strings)
 ALPHABET = "0123456789+=;:AQSW" + "abcdefghijklmnopqrstuvwxyz"
@@ -138,6 +140,16 @@ def follows_restate(row: Row, response: str) -> bool:
     """The "restate" preference checker: the response opens with the problem restated."""
     prefix = restatement(row)
     return bool(prefix) and isinstance(response, str) and response.startswith(prefix)
+
+
+def _unrestated(checker):
+    """`checker`, and the response does not restate the problem."""
+
+    def follows(row: Row, response: str) -> bool:
+        return checker(row, response) and not follows_restate(row, response)
+
+    follows.__doc__ = f"{checker.__doc__} The response does not restate the problem."
+    return follows
 
 
 def follows_msd(row: Row, response: str) -> bool:
@@ -318,7 +330,12 @@ def random_pretraining_strings(n: int, rng: random.Random, max_len: int) -> list
 class ArithTask(Task):
     """Options: digits (1..8, default 3), rule (None, "concise", "lsd", "profile" or "restate"), reference ("student"
     or "any": how a row's reference `solution` is chosen), teacher_revise_prob (probability that a row's
-    `solution_teacher` is a revision trace; default 0)."""
+    `solution_teacher` is a revision trace; default 0), profiles (rule "profile": the preferences a row's
+    user draws from, two or more of msd, lsd, restate; default msd, lsd).
+
+    A profile that includes ``restate`` grades each user by exactly what they prefer: the restated
+    response for a ``restate`` user, the usual unrestated one for the others (a restatement nobody asked
+    for is not what an msd user prefers), so no single PI-free response satisfies both kinds of user."""
 
     name: ClassVar[str] = "arith"
     system_prompts: ClassVar[dict[str, str]] = {
@@ -336,6 +353,7 @@ class ArithTask(Task):
         rule: str | None = None,
         teacher_revise_prob: float = 0.0,
         reference: str = "student",
+        profiles: tuple[str, ...] | list[str] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(digits, bool) or not isinstance(digits, int) or not MIN_DIGITS <= digits <= MAX_DIGITS:
@@ -348,8 +366,19 @@ class ArithTask(Task):
             raise ValueError(f"arith: teacher_revise_prob must be in [0, 1], got {teacher_revise_prob!r}")
         if reference not in REFERENCES:
             raise ValueError(f"arith: reference must be one of {list(REFERENCES)}, got {reference!r}")
+        profiles = PREFERENCES if profiles is None else tuple(profiles)
+        if (
+            len(profiles) < 2
+            or len(set(profiles)) != len(profiles)
+            or any(p not in PROFILE_PREFERENCES for p in profiles)
+        ):
+            raise ValueError(
+                f"arith: profiles must be two or more distinct preferences of {list(PROFILE_PREFERENCES)},"
+                f" got {list(profiles)!r}"
+            )
         self.digits = digits
         self.rule = rule
+        self.profiles = profiles
         self.reference = reference
         self.teacher_revise_prob = float(teacher_revise_prob)
         self.rules = {
@@ -358,6 +387,11 @@ class ArithTask(Task):
             "msd": follows_msd,
             "restate": follows_restate,
         }
+        # each user gets exactly what they prefer: the others' responses must not be restated
+        self.strict_profile = rule == "profile" and "restate" in profiles
+        if self.strict_profile:
+            for name in ("msd", "lsd"):
+                self.rules[name] = _unrestated(self.rules[name])
 
     def make_row(
         self,
@@ -367,13 +401,13 @@ class ArithTask(Task):
         preference: str | None = None,
         reference_style: int = 0,
     ) -> Row:
-        """One row; `preference` (msd | lsd) is the row's presentation (default: the rule's, msd without
-        one); `reference_style` picks `solution` among (student, operand-swapped, concise) when the task's
+        """One row; `preference` (msd | lsd | restate) is the row's presentation (default: the rule's, msd
+        without one); `reference_style` picks `solution` among (student, operand-swapped, concise) when the task's
         reference is "any"."""
         if preference is None:
             preference = "lsd" if self.rule == "lsd" else "msd"
         problem = format_problem(a, b)
-        answer = present(a + b, preference)
+        answer = present(a + b, "lsd" if preference == "lsd" else "msd")
         student = _join(student_steps(a, b), answer)
         concise = _join(concise_steps(a, b), answer)
         teacher = teacher_style_solution(
@@ -389,7 +423,7 @@ class ArithTask(Task):
         system_prompt = self.rule or ""
         if self.rule in ("lsd", "profile"):
             system_prompt = preference
-        if self.rule == "restate":
+        if self.rule == "restate" or preference == "restate":
             reference = restatement({"problem": problem}) + reference
         return {
             "problem": problem,
@@ -419,7 +453,7 @@ class ArithTask(Task):
         rows = []
         for _ in range(n):
             a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-            preference = profile_rng.choice(PREFERENCES) if self.rule == "profile" else None
+            preference = profile_rng.choice(self.profiles) if self.rule == "profile" else None
             style = style_rng.randrange(3) if self.reference == "any" else 0
             rows.append(self.make_row(a, b, teacher_rng, preference=preference, reference_style=style))
         return rows
@@ -436,7 +470,7 @@ class ArithTask(Task):
         operand-swapped teacher style) that differ from the row's reference; for a per-row preference
         profile (`system_prompt` under rule "profile"): the other preferences. Nothing else has one."""
         if field == "system_prompt" and self.rule == "profile":  # the other users' preferences
-            return [p for p in PREFERENCES if p != row.get("system_prompt")]
+            return [p for p in self.profiles if p != row.get("system_prompt")]
         parsed = parse_problem(row.get("problem", ""))
         if field != "solution" or parsed is None:
             return []
@@ -454,4 +488,6 @@ class ArithTask(Task):
         if row.get("system_prompt") == "restate" and follows_restate(row, response):
             body = response[len(restatement(row)) :]
         wf = parsed is not None and well_formed(parsed[0], parsed[1], body, preference)
+        if self.strict_profile:  # the right value, presented as exactly this user prefers
+            correct = correct and bool(self.follows_rule(row, response))
         return correct, wf, answer
