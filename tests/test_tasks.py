@@ -375,7 +375,13 @@ def test_math_concise_rule():
 def test_task_options_never_change_the_problems():
     """Every variant of arith poses the same problems from the same seed: the cells differ only in PI."""
     base = [r["problem"] for r in ArithTask().generate(50, 7)]
-    for opts in ({"rule": "lsd"}, {"rule": "profile"}, {"rule": "restate"}, {"reference": "any"}):
+    for opts in (
+        {"rule": "lsd"},
+        {"rule": "profile"},
+        {"rule": "profile", "profiles": ["msd", "concise", "restate"]},
+        {"rule": "restate"},
+        {"reference": "any"},
+    ):
         assert [r["problem"] for r in ArithTask(**opts).generate(50, 7)] == base, opts
 
 
@@ -429,6 +435,39 @@ def test_profile_rows_mix_preferences_and_offer_the_other_one():
     assert ArithTask(rule="lsd").alternative_pis(ArithTask(rule="lsd").make_row(1, 2), "system_prompt") == []
 
 
+def test_a_profile_of_styles_grades_each_user_by_exactly_their_style():
+    task = ArithTask(rule="profile", profiles=["msd", "concise", "restate"])
+    rows = task.generate(300, 5)
+    assert {r["system_prompt"] for r in rows} == {"msd", "concise", "restate"}
+    # the default profile draws the same users as before the option existed (the same stream)
+    assert [r["system_prompt"] for r in ArithTask(rule="profile").generate(50, 5)] == [
+        r["system_prompt"] for r in ArithTask(rule="profile", profiles=["msd", "lsd"]).generate(50, 5)
+    ]
+    by_pref = {r["system_prompt"]: r for r in rows}
+    for pref, row in by_pref.items():
+        styles = {
+            "msd": row["solution_student"],
+            "concise": row["solution_concise"],
+            "restate": "Q:" + row["problem"][2:] + ";" + row["solution_student"],
+        }
+        assert row["solution"] == styles[pref]
+        for style, response in styles.items():
+            # the right value in another user's style is wrong for this user
+            assert task.check(row, response)[0] is (style == pref), (pref, style)
+        assert task.alternative_pis(row, "system_prompt") == [p for p in task.profiles if p != pref]
+        assert task.messages(row, system_prompt=True)[0]["content"] == task.system_prompts[pref]
+    # without restate or concise in the profile, a restated msd response still counts (as it always did)
+    plain = ArithTask(rule="profile")
+    row = next(r for r in plain.generate(50, 5) if r["system_prompt"] == "msd")
+    assert plain.check(row, "Q:" + row["problem"][2:] + ";" + row["solution_student"])[0] is True
+
+
+@pytest.mark.parametrize("profiles", [["msd"], ["msd", "msd"], ["msd", "shouting"], []])
+def test_a_profile_needs_two_known_preferences(profiles):
+    with pytest.raises(ValueError, match="profiles must be two or more distinct preferences"):
+        ArithTask(rule="profile", profiles=profiles)
+
+
 def test_restate_preference():
     task = ArithTask(rule="restate")
     row = task.make_row(347, 285)
@@ -450,3 +489,15 @@ def test_domain_pretraining_strings_hold_skill_not_the_format():
         x, y = lhs.split("+")
         assert int(x) + int(y) == int(rhs), p
     assert sums
+
+
+def test_task_profiles_reach_the_task_from_the_command_line():
+    from opd_cli.launch import compose
+    from opd_cli.stages.common import load_task_and_data
+
+    cfg = compose(["experiment=opsd_profile_pi", "task.profiles=[msd,restate]", "task.train_size=40"])
+    task, train, _ = load_task_and_data(cfg.task)
+    assert task.profiles == ("msd", "restate")
+    assert {r["system_prompt"] for r in train} == {"msd", "restate"}
+    shipped, _, _ = load_task_and_data(compose(["experiment=opsd_profile_pi"]).task)
+    assert shipped.profiles == ("msd", "lsd")

@@ -52,7 +52,7 @@ MIN_DIGITS, MAX_DIGITS = 1, 8
 RULES = (None, "concise", "lsd", "profile", "restate")
 PREFERENCES = ("msd", "lsd")  # how the result is presented
 # what a per-user profile (rule "profile") may prefer; `profiles` picks the set each row draws from
-PROFILE_PREFERENCES = ("msd", "lsd", "restate")
+PROFILE_PREFERENCES = ("msd", "lsd", "restate", "concise")
 REFERENCES = ("student", "any")
 # characters of the task (and of the pretraining strings)
 ALPHABET = "0123456789+=;:AQSW" + "abcdefghijklmnopqrstuvwxyz"
@@ -142,13 +142,17 @@ def follows_restate(row: Row, response: str) -> bool:
     return bool(prefix) and isinstance(response, str) and response.startswith(prefix)
 
 
-def _unrestated(checker):
-    """`checker`, and the response does not restate the problem."""
+def _usual(checker):
+    """`checker`, and the response is in the usual style: not restated, not concise."""
 
     def follows(row: Row, response: str) -> bool:
-        return checker(row, response) and not follows_restate(row, response)
+        return (
+            checker(row, response)
+            and not follows_restate(row, response)
+            and not follows_concise(row, response)
+        )
 
-    follows.__doc__ = f"{checker.__doc__} The response does not restate the problem."
+    follows.__doc__ = f"{checker.__doc__} The response is neither restated nor concise."
     return follows
 
 
@@ -331,11 +335,12 @@ class ArithTask(Task):
     """Options: digits (1..8, default 3), rule (None, "concise", "lsd", "profile" or "restate"), reference ("student"
     or "any": how a row's reference `solution` is chosen), teacher_revise_prob (probability that a row's
     `solution_teacher` is a revision trace; default 0), profiles (rule "profile": the preferences a row's
-    user draws from, two or more of msd, lsd, restate; default msd, lsd).
+    user draws from, two or more of msd, lsd, restate, concise; default msd, lsd).
 
-    A profile that includes ``restate`` grades each user by exactly what they prefer: the restated
-    response for a ``restate`` user, the usual unrestated one for the others (a restatement nobody asked
-    for is not what an msd user prefers), so no single PI-free response satisfies both kinds of user."""
+    A profile that includes ``restate`` or ``concise`` grades each user by exactly the response they
+    prefer: the restated one for a ``restate`` user, the concise scratchpad for a ``concise`` user (the
+    system line S:concise), the usual full, unrestated one for an msd or lsd user (a style nobody asked
+    for is not what that user prefers), so no single PI-free response satisfies every kind of user."""
 
     name: ClassVar[str] = "arith"
     system_prompts: ClassVar[dict[str, str]] = {
@@ -387,11 +392,11 @@ class ArithTask(Task):
             "msd": follows_msd,
             "restate": follows_restate,
         }
-        # each user gets exactly what they prefer: the others' responses must not be restated
-        self.strict_profile = rule == "profile" and "restate" in profiles
+        # each user gets exactly the response they prefer (class doc)
+        self.strict_profile = rule == "profile" and bool({"restate", "concise"} & set(profiles))
         if self.strict_profile:
             for name in ("msd", "lsd"):
-                self.rules[name] = _unrestated(self.rules[name])
+                self.rules[name] = _usual(self.rules[name])
 
     def make_row(
         self,
@@ -401,7 +406,7 @@ class ArithTask(Task):
         preference: str | None = None,
         reference_style: int = 0,
     ) -> Row:
-        """One row; `preference` (msd | lsd | restate) is the row's presentation (default: the rule's, msd
+        """One row; `preference` (msd | lsd | restate | concise) is the row's presentation (default: the rule's, msd
         without one); `reference_style` picks `solution` among (student, operand-swapped, concise) when the task's
         reference is "any"."""
         if preference is None:
@@ -414,7 +419,7 @@ class ArithTask(Task):
             {"problem": problem}, rng or random.Random(0), self.teacher_revise_prob
         )
         teacher = teacher[: teacher.rfind("A:") + 2] + answer
-        if self.rule == "concise":
+        if self.rule == "concise" or preference == "concise":
             reference = concise
         elif self.reference == "any":
             reference = (student, _join(teacher_steps(a, b), answer), concise)[reference_style]
