@@ -150,3 +150,48 @@ def test_the_teacher_prefix_is_cut_right_before_its_answer():
         ids = tok(text, add_special_tokens=False)["input_ids"]
         cut = prefix_before(tok, ids, text.rfind("632"))
         assert tok.decode(ids[:cut]) == text[: text.rfind("632")]
+
+
+def test_geometric_mean_decoding_with_one_cache_matches_recomputing_each_prompt(tiny_model_dir):
+    """decode_geometric_mean left-pads the prompts into one batch and keeps one KV cache; the reference
+    recomputes every prompt alone, unpadded, from scratch at every step, on the tokens the decoder chose.
+    The mean log-probs agree to 1e-4: fp32 logits of the two paths differ by ~1e-6 (reordered sums over a
+    hidden size of 64, log-probs of size ~5); an unmasked pad or a stale cache moves them by > 1e-2. Each
+    chosen token is the argmax of its step's mean."""
+    import contextlib
+
+    from opd_cli.learner import load_model
+    from opd_cli.stages.pi_probe import decode_geometric_mean
+
+    model = load_model(tiny_model_dir, torch.device("cpu"), trainable=False)
+    g = torch.Generator().manual_seed(3)
+    for lengths in ((7,), (5, 9), (4, 11, 6)):
+        prompts = [torch.randint(3, 100, (n,), generator=g).tolist() for n in lengths]
+        scores: list[torch.Tensor] = []
+        got = decode_geometric_mean(
+            model, prompts, 16, stop=set(), pad_id=0, amp=contextlib.nullcontext, scores=scores
+        )
+        assert len(got) == len(scores) == 16
+        for t, score in enumerate(scores):
+            with torch.no_grad():
+                ref = torch.stack(
+                    [model(torch.tensor([p + got[:t]])).logits[0, -1].log_softmax(-1) for p in prompts]
+                ).mean(0)
+            assert float((score - ref).abs().max()) < 1e-4, (lengths, t)
+            assert got[t] == int(score.argmax())
+
+
+def test_the_optimum_of_a_shared_preference_is_its_teacher_and_a_profiles_is_out_of_reach(probes):
+    """q_bar decoded (optimum_probe). A shared preference: q_bar is the preference teacher, right as
+    often as the student is (0.97 on the shipped testbed) and reachable (the student restates ~24% of
+    plain prompts unprompted: its least likely token of q_bar's response has log-prob ~ -1.4). The msd/lsd
+    profile: q_bar mixes the two digit orders, so it is right for no more users than for the row's own,
+    and its least likely token has log-prob ~ -8 for the student (measured -7.8 on 64 prompts): the
+    averaging failure the student does not reach (experiments/pi_dependence.md)."""
+    shared = probes["opsd_shared_preference"]["optimum"]
+    assert shared["over"] == "the student's own" and shared["accuracy"] >= 0.8
+    assert shared["right_for_some_pi"] == shared["accuracy"] and shared["student_least_logprob_median"] > -3
+    profile = probes["opsd_profile_pi"]["optimum"]
+    assert profile["over"] == "the valid PIs" and profile["prompts"] == 16
+    assert profile["student_least_logprob_median"] < -5
+    assert profile["accuracy"] < profile["student_accuracy"], profile

@@ -139,6 +139,9 @@ def test_testbed_pairs_pass_with_part_b(tmp_path):
             # after its own scratchpad: none when 16 new tokens end before the student's answer (FAST)
             gap = m3["gap_to_student_optimum"]
             assert gap is None or 0.0 <= gap < float("inf"), m3
+            # q_bar over the student's own answers, decoded: a share of these 6 prompts, graded
+            opt = m3["optimum"]
+            assert opt is None or (0.0 <= opt["accuracy"] <= opt["right_for_some_pi"] <= 1.0), m3
         else:
             assert m3["status"] == "n/a (no privileged information)"
         assert "| recipe | seed | part A |" in (out / "preflight.md").read_text()

@@ -40,6 +40,17 @@ OPSD pulls the student onto the teacher's path; where the student cannot finish 
 trained onto a path it fails on, whatever the per-token gaps say. For a shared rule the path is the
 rule's own, which the student can learn; it also reads the PI teacher's own accuracy (a rule teacher
 weaker than the student trades accuracy for the rule).
+
+The optimum probe (`optimum_probe`, the dict's "optimum"): what does the student's optimum write? On the
+same PATH_PROMPTS prompts, q_bar over the PIs of `gap_to_student_optimum` (the student's own where it can
+write the PI, else the reference and the problem's other valid PIs) is decoded greedily, one token at a
+time (at each step every PI-conditioned prompt scores the same prefix; the next token is the argmax of
+the mean of their log-probs), and graded by the task's verifier. Against the student's own greedy
+accuracy this is what OPSD converges to at best: where the teachers commit to one style whatever the PI,
+q_bar serves some users; where each keeps its own style on the others' prefixes, q_bar mixes them
+position by position and is wrong for every user (a per-user profile: experiments/testbed.md). Whether
+the student reaches q_bar is another matter: reverse KL moves a token in proportion to the student's own
+probability of it.
 """
 
 from __future__ import annotations
@@ -331,6 +342,110 @@ def path_probe(engine, teacher_engine, tok, task, rows, teacher, prompt_ids, max
     }
 
 
+@torch.no_grad()
+def decode_geometric_mean(
+    model, prompts: list[list[int]], max_new_tokens: int, stop: set[int], pad_id: int, amp, scores=None
+) -> list[int]:
+    """Greedy decoding of the normalized geometric mean of `model`'s next-token distributions under each
+    of `prompts` (left-padded into one batch, one KV cache): at every step the token with the largest mean
+    log-probability, fed to every prompt. Stops after a token in `stop` (kept) or `max_new_tokens`.
+    `scores`, a list, receives each step's mean log-probabilities [V]."""
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, device=device)
+        mask[i, width - len(p) :] = 1
+    out: list[int] = []
+    past = None
+    step_ids = ids
+    for _ in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+        with amp():
+            res = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=past,
+                use_cache=True,
+            )
+        past = res.past_key_values
+        mean = res.logits[:, -1].float().log_softmax(-1).mean(0)
+        if scores is not None:
+            scores.append(mean.cpu())
+        token = int(mean.argmax())
+        out.append(token)
+        if token in stop:
+            break
+        step_ids = torch.full((len(prompts), 1), token, dtype=torch.long, device=device)
+        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+    return out
+
+
+@torch.no_grad()
+def least_likely_token(model, prompt: list[int], response: list[int], amp) -> float:
+    """The smallest log-prob `model` gives a token of `response` after `prompt` (0.0 for no tokens)."""
+    if not response:
+        return 0.0
+    device = next(model.parameters()).device
+    with amp():
+        logits = model(torch.tensor([prompt + response], device=device)).logits[0]
+    logp = logits[len(prompt) - 1 : len(prompt) + len(response) - 1].float().log_softmax(-1)
+    return float(logp.gather(-1, torch.tensor(response, device=device)[:, None]).min())
+
+
+def optimum_probe(
+    teacher_model, model, tok, task, teacher, prompt_ids, variants, rows, field: str, max_new_tokens: int, amp
+) -> dict | None:
+    """The optimum probe (module doc) on `rows` and their variants: q_bar decoded with the PI teacher's
+    weights, the student's own greedy response with `model`, on the same prompts. q_bar's response is
+    graded for the row (its reference PI) and for each PI it averages (`field` set to that PI's value):
+    right for none of them means q_bar mixes what the PIs ask for, wrong for every user; right for one
+    means it commits to one PI's behaviour. A prompt with neither a PI of the student's own nor two valid
+    ones is skipped (its optimum is the PI teacher itself: the path probe); None when every prompt is."""
+    stop = set(tok.all_special_ids) | ({tok.eos_token_id} - {None})
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    right = own_right = some_pi = 0
+    lengths, least, over, example = [], [], set(), None
+    for row, vs in zip(rows, variants, strict=True):
+        own = [v.row for v in vs if v.source == "student"]
+        pis = own or [v.row for v in vs if v.source in ("reference", "valid")]
+        if not own and len(pis) < 2:
+            continue
+        over.add("the student's own" if own else "the valid PIs")
+        ids = decode_geometric_mean(
+            teacher_model, [teacher.prompt_ids(r) for r in pis], max_new_tokens, stop, pad, amp
+        )
+        text = tok.decode(ids, skip_special_tokens=True)
+        right += task.verify(row, text).correct
+        some_pi += any(task.verify({**row, field: r[field]}, text).correct for r in pis)
+        least.append(least_likely_token(model, prompt_ids(row), ids, amp))
+        mine = decode_geometric_mean(model, [prompt_ids(row)], max_new_tokens, stop, pad, amp)
+        own_right += task.verify(row, tok.decode(mine, skip_special_tokens=True)).correct
+        lengths.append(len(ids))
+        example = example or text
+    if not lengths:
+        return None
+    n = len(lengths)
+    return {
+        "prompts": n,
+        "over": " / ".join(sorted(over)),
+        "example": example,
+        "accuracy": right / n,
+        # right under at least one of the PIs q_bar averages: 1 when it commits to one of them
+        "right_for_some_pi": some_pi / n,
+        "mean_length": sum(lengths) / n,
+        # can the student get there: its own log-prob of q_bar's least likely token (for it) per prompt,
+        # the median over prompts. Reverse KL moves a token in proportion to the student's probability of
+        # it, so log-probs of -5 and below (p < 0.007) are out of reach in a short run
+        "student_least_logprob_median": float(np.median(least)),
+        "student_accuracy": own_right / n,
+        # what the student loses (> 0) or gains (< 0) at its own optimum, on these prompts
+        "drop": (own_right - right) / n,
+    }
+
+
 def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
     """The PI-dependence measurement of an OPSD recipe on `n` of the student's rollouts (module doc)."""
     check_request(cfg, n, samples)
@@ -443,6 +558,19 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
         vs.append(Variant(i, "none", row, False))
         variants.append(vs)
 
+    optimum = optimum_probe(
+        teacher_model,
+        model,
+        tok,
+        task,
+        teacher,
+        prompt_ids,
+        variants[:PATH_PROMPTS],
+        rows[:PATH_PROMPTS],
+        field,
+        cfg.rollout.max_new_tokens,
+        autocast,
+    )
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in [*STATS, "student_bar_vs_none"]}
     # sequences per teacher forward; each prompt's statistics are accumulated as its variants come back
     batch = cfg.trainer.micro_batch_size if cfg.trainer.micro_batch_size > 0 else DEFAULT_BATCH
@@ -518,6 +646,8 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
         "gap_where_teacher_commits": summary["direct_bar"]["mean"] if summary["direct_bar"] else None,
         # can the student finish, without the PI, what the PI teacher starts (module doc)
         "path": path,
+        # what the student's optimum q_bar writes, decoded greedily and graded (module doc)
+        "optimum": optimum,
         # the student's prompt scored like a teacher's vs the engine's own log-probs of its rollouts
         "alignment_max_abs_logprob_diff": alignment,
         "wall_s": time.perf_counter() - start,
@@ -557,6 +687,14 @@ def format_pi_dependence(result: dict) -> str:
         "continuing the first {share:.0%} of the teacher's response ({example!r}): {student_on_teacher_path:.3f} "
         "(drop {drop:+.3f})".format(
             share=path["prefix_share"], example=path["teacher_prefix_example"], **path
+        ),
+        (
+            "optimum: q_bar over {over} decoded greedily on {prompts} prompts is right {accuracy:.3f}, right "
+            "for one of the PIs it averages {right_for_some_pi:.3f} (length {mean_length:.1f}; {example!r}); "
+            "the student {student_accuracy:.3f} (drop {drop:+.3f}); the student's log-prob of q_bar's least "
+            "likely token, median {student_least_logprob_median:.2f}".format(**result["optimum"])
+            if result.get("optimum")
+            else "optimum: no prompt has two PIs to average (the student's optimum is the PI teacher: path)"
         ),
         f"alignment: the student's prompt scored as a teacher reproduces its rollouts' log-probs within "
         f"{result['alignment_max_abs_logprob_diff']:.1e}; wall time {result['wall_s']:.1f} s",

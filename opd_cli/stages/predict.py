@@ -511,6 +511,11 @@ def measured(rec: dict) -> str:
         parts.append(
             f"path drop {m3['path']['drop']:+.2f} (PI teacher right {m3['path']['teacher_accuracy']:.2f})"
         )
+    if m3.get("optimum"):
+        parts.append(
+            f"optimum drop {m3['optimum']['drop']:+.2f} (q_bar right for one of its PIs "
+            f"{m3['optimum']['right_for_some_pi']:.2f})"
+        )
     if b.get("teacher_readiness"):
         parts.append(f"teacher's kept SFT traces ~{b['teacher_readiness']['expected_kept_traces']:.0f}")
     return ", ".join(parts)

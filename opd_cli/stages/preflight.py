@@ -632,6 +632,9 @@ def mechanism_3(cfg: DictConfig, n: int, seed: int) -> dict:
         "student_pi_same_as_reference": result["student_pi_same_as_reference"],
         # can the student finish, without the PI, what the PI teacher starts (stages/pi_probe.py)
         "path": result["path"],
+        # what q_bar itself writes, greedily, and how often it is right (stages/pi_probe.py); reported,
+        # not read by the prediction rules (they were fitted before it existed: stages/predict.py)
+        "optimum": result["optimum"],
         "wall_s": result["wall_s"],
     }
 
