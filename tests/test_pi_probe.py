@@ -152,33 +152,41 @@ def test_the_teacher_prefix_is_cut_right_before_its_answer():
         assert tok.decode(ids[:cut]) == text[: text.rfind("632")]
 
 
-def test_geometric_mean_decoding_with_one_cache_matches_recomputing_each_prompt(tiny_model_dir):
-    """decode_geometric_mean left-pads the prompts into one batch and keeps one KV cache; the reference
-    recomputes every prompt alone, unpadded, from scratch at every step, on the tokens the decoder chose.
-    The mean log-probs agree to 1e-4: fp32 logits of the two paths differ by ~1e-6 (reordered sums over a
-    hidden size of 64, log-probs of size ~5); an unmasked pad or a stale cache moves them by > 1e-2. Each
-    chosen token is the argmax of its step's mean."""
+def test_geometric_mean_decoding_in_batches_matches_recomputing_each_prompt(tiny_model_dir):
+    """decode_geometric_means left-pads groups of prompts into batches with one KV cache each (here 3
+    sequences per batch: the groups of 1 and 2 prompts share one, where the second stops early and runs
+    on padded beside the first; the group of 3 and the last group run alone); the reference recomputes every prompt alone, unpadded, from
+    scratch at every step, on the tokens the decoder chose. The mean log-probs agree to 1e-4: fp32 logits
+    of the two paths differ by ~1e-6 (reordered sums over a hidden size of 64, log-probs of size ~5); an
+    unmasked pad or a stale cache moves them by > 1e-2. Each chosen token is the argmax of its step's
+    mean, and a group ends at its stop token."""
     import contextlib
 
     from opd_cli.learner import load_model
-    from opd_cli.stages.pi_probe import decode_geometric_mean
+    from opd_cli.stages.pi_probe import decode_geometric_means
 
     model = load_model(tiny_model_dir, torch.device("cpu"), trainable=False)
     g = torch.Generator().manual_seed(3)
-    for lengths in ((7,), (5, 9), (4, 11, 6)):
-        prompts = [torch.randint(3, 100, (n,), generator=g).tolist() for n in lengths]
-        scores: list[torch.Tensor] = []
-        got = decode_geometric_mean(
-            model, prompts, 16, stop=set(), pad_id=0, amp=contextlib.nullcontext, scores=scores
-        )
-        assert len(got) == len(scores) == 16
-        for t, score in enumerate(scores):
+    groups = [
+        [torch.randint(3, 100, (n,), generator=g).tolist() for n in lengths]
+        for lengths in ((7,), (5, 9), (4, 11, 6), (8,))
+    ]
+    free: list[list[torch.Tensor]] = []
+    first = decode_geometric_means(model, groups, 12, set(), 0, contextlib.nullcontext, 3, free)
+    # a stop token: group 1 ends at its 4th token, the others decode as before
+    stop = {first[1][3]}
+    scores: list[list[torch.Tensor]] = []
+    got = decode_geometric_means(model, groups, 12, stop, 0, contextlib.nullcontext, 3, scores)
+    for k, (prompts, tokens, steps) in enumerate(zip(groups, got, scores, strict=True)):
+        end = next((t + 1 for t, x in enumerate(first[k]) if x in stop), 12)
+        assert tokens == first[k][:end] and len(steps) == end, k
+        for t, score in enumerate(steps):
             with torch.no_grad():
                 ref = torch.stack(
-                    [model(torch.tensor([p + got[:t]])).logits[0, -1].log_softmax(-1) for p in prompts]
+                    [model(torch.tensor([p + tokens[:t]])).logits[0, -1].log_softmax(-1) for p in prompts]
                 ).mean(0)
-            assert float((score - ref).abs().max()) < 1e-4, (lengths, t)
-            assert got[t] == int(score.argmax())
+            assert float((score - ref).abs().max()) < 1e-4, (k, t)
+            assert tokens[t] == int(score.argmax())
 
 
 def test_the_optimum_of_a_shared_preference_is_its_teacher_and_a_profiles_is_out_of_reach(probes):

@@ -343,43 +343,75 @@ def path_probe(engine, teacher_engine, tok, task, rows, teacher, prompt_ids, max
 
 
 @torch.no_grad()
-def decode_geometric_mean(
-    model, prompts: list[list[int]], max_new_tokens: int, stop: set[int], pad_id: int, amp, scores=None
-) -> list[int]:
-    """Greedy decoding of the normalized geometric mean of `model`'s next-token distributions under each
-    of `prompts` (left-padded into one batch, one KV cache): at every step the token with the largest mean
-    log-probability, fed to every prompt. Stops after a token in `stop` (kept) or `max_new_tokens`.
-    `scores`, a list, receives each step's mean log-probabilities [V]."""
+def decode_geometric_means(
+    model,
+    groups: list[list[list[int]]],
+    max_new_tokens: int,
+    stop: set[int],
+    pad_id: int,
+    amp,
+    batch: int = DEFAULT_BATCH,
+    scores: list | None = None,
+) -> list[list[int]]:
+    """For each group of prompts, greedy decoding of the normalized geometric mean of `model`'s
+    next-token distributions under the group's prompts: at every step the token with the largest mean
+    log-probability, fed to every prompt of the group. A group stops after a token in `stop` (kept) or
+    `max_new_tokens`. Groups run together, left-padded into batches of at most `batch` sequences (a larger
+    group alone), each with one KV cache. `scores`, a list, receives per group the list of its steps' mean
+    log-probabilities [V]."""
     device = next(model.parameters()).device
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, device=device)
-        mask[i, width - len(p) :] = 1
-    out: list[int] = []
-    past = None
-    step_ids = ids
-    for _ in range(max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-        with amp():
-            res = model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=past,
-                use_cache=True,
+    out: list[list[int]] = [[] for _ in groups]
+    chunk: list[int] = []
+    chunks: list[list[int]] = []
+    for g, prompts in enumerate(groups):
+        if chunk and sum(len(groups[i]) for i in chunk) + len(prompts) > batch:
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(g)
+    if chunk:
+        chunks.append(chunk)
+    if scores is not None:
+        scores.extend([] for _ in groups)
+    for members in chunks:
+        prompts = [p for g in members for p in groups[g]]
+        owner = torch.tensor([k for k, g in enumerate(members) for _ in groups[g]], device=device)
+        counts = torch.bincount(owner, minlength=len(members)).unsqueeze(-1).float()
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, device=device)
+            mask[i, width - len(p) :] = 1
+        done = [False] * len(members)
+        past, step_ids = None, ids
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+            with amp():
+                res = model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=past,
+                    use_cache=True,
+                )
+            past = res.past_key_values
+            logp = res.logits[:, -1].float().log_softmax(-1)
+            mean = (
+                torch.zeros(len(members), logp.shape[-1], device=device).index_add_(0, owner, logp) / counts
             )
-        past = res.past_key_values
-        mean = res.logits[:, -1].float().log_softmax(-1).mean(0)
-        if scores is not None:
-            scores.append(mean.cpu())
-        token = int(mean.argmax())
-        out.append(token)
-        if token in stop:
-            break
-        step_ids = torch.full((len(prompts), 1), token, dtype=torch.long, device=device)
-        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+            tokens = mean.argmax(-1).tolist()
+            for k, g in enumerate(members):
+                if not done[k]:
+                    out[g].append(tokens[k])
+                    if scores is not None:
+                        scores[g].append(mean[k].cpu())
+                    done[k] = tokens[k] in stop
+            if all(done):
+                break
+            # a finished group is fed pad tokens that nothing attends to (mask 0)
+            live = torch.tensor([not done[k] for k in owner.tolist()], device=device)
+            step_ids = torch.where(live, torch.tensor(tokens, device=device)[owner], pad_id).unsqueeze(-1)
+            mask = torch.cat([mask, live.long().unsqueeze(-1)], dim=1)
     return out
 
 
@@ -396,7 +428,18 @@ def least_likely_token(model, prompt: list[int], response: list[int], amp) -> fl
 
 
 def optimum_probe(
-    teacher_model, model, tok, task, teacher, prompt_ids, variants, rows, field: str, max_new_tokens: int, amp
+    teacher_model,
+    model,
+    tok,
+    task,
+    teacher,
+    prompt_ids,
+    variants,
+    rows,
+    field: str,
+    max_new_tokens: int,
+    amp,
+    batch: int = DEFAULT_BATCH,
 ) -> dict | None:
     """The optimum probe (module doc) on `rows` and their variants: q_bar decoded with the PI teacher's
     weights, the student's own greedy response with `model`, on the same prompts. q_bar's response is
@@ -406,23 +449,26 @@ def optimum_probe(
     ones is skipped (its optimum is the PI teacher itself: the path probe); None when every prompt is."""
     stop = set(tok.all_special_ids) | ({tok.eos_token_id} - {None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    right = own_right = some_pi = 0
-    lengths, least, over, example = [], [], set(), None
+    kept, groups, over = [], [], set()
     for row, vs in zip(rows, variants, strict=True):
         own = [v.row for v in vs if v.source == "student"]
         pis = own or [v.row for v in vs if v.source in ("reference", "valid")]
-        if not own and len(pis) < 2:
-            continue
-        over.add("the student's own" if own else "the valid PIs")
-        ids = decode_geometric_mean(
-            teacher_model, [teacher.prompt_ids(r) for r in pis], max_new_tokens, stop, pad, amp
-        )
+        if own or len(pis) >= 2:
+            kept.append((row, pis))
+            groups.append([teacher.prompt_ids(r) for r in pis])
+            over.add("the student's own" if own else "the valid PIs")
+    q_bar = decode_geometric_means(teacher_model, groups, max_new_tokens, stop, pad, amp, batch)
+    mine = decode_geometric_means(
+        model, [[prompt_ids(r)] for r, _ in kept], max_new_tokens, stop, pad, amp, batch
+    )
+    right = own_right = some_pi = 0
+    lengths, least, example = [], [], None
+    for (row, pis), ids, own_ids in zip(kept, q_bar, mine, strict=True):
         text = tok.decode(ids, skip_special_tokens=True)
         right += task.verify(row, text).correct
         some_pi += any(task.verify({**row, field: r[field]}, text).correct for r in pis)
         least.append(least_likely_token(model, prompt_ids(row), ids, amp))
-        mine = decode_geometric_mean(model, [prompt_ids(row)], max_new_tokens, stop, pad, amp)
-        own_right += task.verify(row, tok.decode(mine, skip_special_tokens=True)).correct
+        own_right += task.verify(row, tok.decode(own_ids, skip_special_tokens=True)).correct
         lengths.append(len(ids))
         example = example or text
     if not lengths:
@@ -570,6 +616,7 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
         field,
         cfg.rollout.max_new_tokens,
         autocast,
+        cfg.trainer.micro_batch_size if cfg.trainer.micro_batch_size > 0 else DEFAULT_BATCH,
     )
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in [*STATS, "student_bar_vs_none"]}
     # sequences per teacher forward; each prompt's statistics are accumulated as its variants come back
