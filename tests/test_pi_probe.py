@@ -152,6 +152,7 @@ def test_the_teacher_prefix_is_cut_right_before_its_answer():
         assert tok.decode(ids[:cut]) == text[: text.rfind("632")]
 
 
+@pytest.mark.numerics
 def test_geometric_mean_decoding_in_batches_matches_recomputing_each_prompt(tiny_model_dir):
     """decode_geometric_means left-pads groups of prompts into batches with one KV cache each (here 3
     sequences per batch: the groups of 1 and 2 prompts share one, where the second stops early and runs
