@@ -286,7 +286,8 @@ print(json.dumps({"kernels": kernels, "sha": file_sha256(__import__("pathlib").P
 def test_build_step_weights_do_not_depend_on_the_callers_kernels(tmp_path):
     """A build step runs in a worker with PINNED_KERNELS, so a caller under ATen's scalar kernels and one
     under the CPU's best (AVX-512 where it has them) get the same weights: what makes `opd testbed
-    build --force` reproduce the shipped sha256 on another x86-64 CPU."""
+    build --force` reproduce a build's sha256 on another CPU of the same vendor (measured: Zen 3 = Zen 4,
+    and Intel = Intel; an AMD and an Intel build differ, experiments/testbed.md)."""
     import os
     import subprocess
     import sys
