@@ -468,6 +468,11 @@ def test_a_profile_needs_two_known_preferences(profiles):
         ArithTask(rule="profile", profiles=profiles)
 
 
+def test_profiles_without_the_profile_rule_is_an_error_not_ignored():
+    with pytest.raises(ValueError, match="only applies to rule 'profile'.*set task.rule=profile"):
+        ArithTask(rule="lsd", profiles=["msd", "restate"])
+
+
 def test_restate_preference():
     task = ArithTask(rule="restate")
     row = task.make_row(347, 285)

@@ -371,6 +371,11 @@ class ArithTask(Task):
             raise ValueError(f"arith: teacher_revise_prob must be in [0, 1], got {teacher_revise_prob!r}")
         if reference not in REFERENCES:
             raise ValueError(f"arith: reference must be one of {list(REFERENCES)}, got {reference!r}")
+        if profiles is not None and rule != "profile":
+            raise ValueError(
+                f"arith: profiles={list(profiles)!r} only applies to rule 'profile' (got rule {rule!r}); "
+                "set task.rule=profile or drop task.profiles"
+            )
         profiles = PREFERENCES if profiles is None else tuple(profiles)
         if (
             len(profiles) < 2
@@ -406,9 +411,9 @@ class ArithTask(Task):
         preference: str | None = None,
         reference_style: int = 0,
     ) -> Row:
-        """One row; `preference` (msd | lsd | restate | concise) is the row's presentation (default: the rule's, msd
-        without one); `reference_style` picks `solution` among (student, operand-swapped, concise) when the task's
-        reference is "any"."""
+        """One row; `preference` (msd | lsd | restate | concise) is the row's presentation (default: the
+        rule's, msd without one); `reference_style` picks `solution` among (student, operand-swapped,
+        concise) when the task's reference is "any"."""
         if preference is None:
             preference = "lsd" if self.rule == "lsd" else "msd"
         problem = format_problem(a, b)
