@@ -32,7 +32,7 @@ class TaskConfig:
     digits: int = 3  # arith: operand length
     rule: str | None = None  # arith: "concise" | "lsd" (shared preference) | "profile" (per row) | none
     reference: str = "student"  # arith: a row's reference solution: student scratchpad | any valid one
-    profiles: list[str] | None = None  # arith, rule "profile": what users prefer (msd, lsd, restate)
+    profiles: list[str] | None = None  # arith, rule "profile": what users prefer (msd, lsd, restate, concise)
     path: str | None = None  # local jsonl/parquet/save_to_disk dir or hub dataset name; None = generated
     split: str = "train"
     eval_path: str | None = None

@@ -156,8 +156,8 @@ def test_the_teacher_prefix_is_cut_right_before_its_answer():
 def test_geometric_mean_decoding_in_batches_matches_recomputing_each_prompt(tiny_model_dir):
     """decode_geometric_means left-pads groups of prompts into batches with one KV cache each (here 3
     sequences per batch: the groups of 1 and 2 prompts share one, where the second stops early and runs
-    on padded beside the first; the group of 3 and the last group run alone); the reference recomputes every prompt alone, unpadded, from
-    scratch at every step, on the tokens the decoder chose. The mean log-probs agree to 1e-4: fp32 logits
+    on padded beside the first; the group of 3 and the last group run alone); the reference recomputes
+    every prompt alone, unpadded, from scratch at every step, on the tokens the decoder chose. The mean log-probs agree to 1e-4: fp32 logits
     of the two paths differ by ~1e-6 (reordered sums over a hidden size of 64, log-probs of size ~5); an
     unmasked pad or a stale cache moves them by > 1e-2. Each chosen token is the argmax of its step's
     mean, and a group ends at its stop token."""
@@ -172,9 +172,8 @@ def test_geometric_mean_decoding_in_batches_matches_recomputing_each_prompt(tiny
         [torch.randint(3, 100, (n,), generator=g).tolist() for n in lengths]
         for lengths in ((7,), (5, 9), (4, 11, 6), (8,))
     ]
-    free: list[list[torch.Tensor]] = []
-    first = decode_geometric_means(model, groups, 12, set(), 0, contextlib.nullcontext, 3, free)
-    # a stop token: group 1 ends at its 4th token, the others decode as before
+    first = decode_geometric_means(model, groups, 12, set(), 0, contextlib.nullcontext, 3)
+    # a stop token: group 1 ends at its 4th token (or earlier), the others where it first appears
     stop = {first[1][3]}
     scores: list[list[torch.Tensor]] = []
     got = decode_geometric_means(model, groups, 12, stop, 0, contextlib.nullcontext, 3, scores)

@@ -322,13 +322,17 @@ def path_probe(engine, teacher_engine, tok, task, rows, teacher, prompt_ids, max
         [p + x for p, x in zip(student_prompts, prefixes, strict=True)], greedy, derive_seed(seed, 33)
     )
 
-    def accuracy(seqs: list[list[int]]) -> float:
+    def correct(seqs: list[list[int]]) -> list[bool]:
         texts = [tok.decode(y, skip_special_tokens=True) for y in seqs]
-        return sum(task.verify(r, t).correct for r, t in zip(rows, texts, strict=True)) / len(rows)
+        return [task.verify(r, t).correct for r, t in zip(rows, texts, strict=True)]
+
+    def accuracy(seqs: list[list[int]]) -> float:
+        return sum(correct(seqs)) / len(rows)
 
     own_resp = [g[0].response_ids for g in own]
     on_path = [x + g[0].response_ids for x, g in zip(prefixes, cont, strict=True)]
-    student_accuracy, path_accuracy = accuracy(own_resp), accuracy(on_path)
+    student_correct = correct(own_resp)
+    student_accuracy, path_accuracy = sum(student_correct) / len(rows), accuracy(on_path)
     return {
         "prompts": len(rows),
         "prefix_share": PATH_PREFIX,
@@ -339,6 +343,8 @@ def path_probe(engine, teacher_engine, tok, task, rows, teacher, prompt_ids, max
         "student_mean_length": sum(map(len, own_resp)) / len(rows),
         "student_on_teacher_path": path_accuracy,
         "drop": student_accuracy - path_accuracy,
+        # per prompt, for the optimum probe (pi_dependence takes it out of the result)
+        "student_correct": student_correct,
     }
 
 
@@ -361,15 +367,14 @@ def decode_geometric_means(
     log-probabilities [V]."""
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in groups]
-    chunk: list[int] = []
     chunks: list[list[int]] = []
+    size = 0
     for g, prompts in enumerate(groups):
-        if chunk and sum(len(groups[i]) for i in chunk) + len(prompts) > batch:
-            chunks.append(chunk)
-            chunk = []
-        chunk.append(g)
-    if chunk:
-        chunks.append(chunk)
+        if not chunks or size + len(prompts) > batch:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(g)
+        size += len(prompts)
     if scores is not None:
         scores.extend([] for _ in groups)
     for members in chunks:
@@ -436,39 +441,39 @@ def optimum_probe(
     prompt_ids,
     variants,
     rows,
+    student_correct: list[bool],
     field: str,
     max_new_tokens: int,
     amp,
     batch: int = DEFAULT_BATCH,
 ) -> dict | None:
     """The optimum probe (module doc) on `rows` and their variants: q_bar decoded with the PI teacher's
-    weights, the student's own greedy response with `model`, on the same prompts. q_bar's response is
+    weights, against `student_correct` (the path probe's grades of the student's own greedy responses to
+    the same rows); `model` is the student, for its log-prob of q_bar's response. q_bar's response is
     graded for the row (its reference PI) and for each PI it averages (`field` set to that PI's value):
     right for none of them means q_bar mixes what the PIs ask for, wrong for every user; right for one
     means it commits to one PI's behaviour. A prompt with neither a PI of the student's own nor two valid
     ones is skipped (its optimum is the PI teacher itself: the path probe); None when every prompt is."""
-    stop = set(tok.all_special_ids) | ({tok.eos_token_id} - {None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     kept, groups, over = [], [], set()
-    for row, vs in zip(rows, variants, strict=True):
+    for row, vs, own_correct in zip(rows, variants, student_correct, strict=True):
         own = [v.row for v in vs if v.source == "student"]
         pis = own or [v.row for v in vs if v.source in ("reference", "valid")]
         if own or len(pis) >= 2:
-            kept.append((row, pis))
+            kept.append((row, pis, own_correct))
             groups.append([teacher.prompt_ids(r) for r in pis])
             over.add("the student's own" if own else "the valid PIs")
-    q_bar = decode_geometric_means(teacher_model, groups, max_new_tokens, stop, pad, amp, batch)
-    mine = decode_geometric_means(
-        model, [[prompt_ids(r)] for r, _ in kept], max_new_tokens, stop, pad, amp, batch
+    q_bar = decode_geometric_means(
+        teacher_model, groups, max_new_tokens, set(tok.all_special_ids), pad, amp, batch
     )
     right = own_right = some_pi = 0
     lengths, least, example = [], [], None
-    for (row, pis), ids, own_ids in zip(kept, q_bar, mine, strict=True):
+    for (row, pis, own_correct), ids in zip(kept, q_bar, strict=True):
         text = tok.decode(ids, skip_special_tokens=True)
         right += task.verify(row, text).correct
         some_pi += any(task.verify({**row, field: r[field]}, text).correct for r in pis)
         least.append(least_likely_token(model, prompt_ids(row), ids, amp))
-        own_right += task.verify(row, tok.decode(own_ids, skip_special_tokens=True)).correct
+        own_right += own_correct
         lengths.append(len(ids))
         example = example or text
     if not lengths:
@@ -604,6 +609,8 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
         vs.append(Variant(i, "none", row, False))
         variants.append(vs)
 
+    # sequences per teacher forward; each prompt's statistics are accumulated as its variants come back
+    batch = cfg.trainer.micro_batch_size if cfg.trainer.micro_batch_size > 0 else DEFAULT_BATCH
     optimum = optimum_probe(
         teacher_model,
         model,
@@ -613,14 +620,13 @@ def pi_dependence(cfg, n: int, seed: int, samples: int = 4) -> dict:
         prompt_ids,
         variants[:PATH_PROMPTS],
         rows[:PATH_PROMPTS],
+        path.pop("student_correct"),
         field,
         cfg.rollout.max_new_tokens,
         autocast,
-        cfg.trainer.micro_batch_size if cfg.trainer.micro_batch_size > 0 else DEFAULT_BATCH,
+        batch,
     )
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in [*STATS, "student_bar_vs_none"]}
-    # sequences per teacher forward; each prompt's statistics are accumulated as its variants come back
-    batch = cfg.trainer.micro_batch_size if cfg.trainer.micro_batch_size > 0 else DEFAULT_BATCH
     flat = [v for vs in variants for v in vs]  # prompt-major, each prompt's reference first
     pending = {i: PromptStats(len(responses[i])) for i in range(n)}
     alignment = 0.0
